@@ -1,0 +1,164 @@
+"""The loops: the notebook's `train`/`test` generators, `train_one_epoch`, `evaluate`, and `fit`.
+
+Per-batch values stay on the device as tensors: the loops never call `.item()` per batch, so a GPU
+is never made to wait for the host. Sums are read once per epoch.
+
+The loss is `cross_entropy`, which applies log-softmax itself. The notebook's CNN already ends in
+log-softmax; log-softmax of log-probabilities returns them unchanged, so one loss serves models that
+end in log-softmax (NLL, as the notebook) and models that return logits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.device import autocast
+
+
+def train(model: nn.Module, device: torch.device, train_loader: Iterable, optimizer: torch.optim.Optimizer,
+          epoch: int = 0, log_interval: int | None = None, *, scheduler=None, amp_dtype: torch.dtype | None = None,
+          label_smoothing: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Train one epoch, yielding (loss, accuracy) of each batch as detached 0-dim tensors.
+
+    `log_interval` prints every N batches as the notebook did (that print reads the values, a sync).
+    """
+    model.train()
+    for batch_idx, (data, target) in enumerate(train_loader):
+        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(data)
+            loss = F.cross_entropy(output, target, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss = loss.detach().float()
+        accuracy = (output.detach().argmax(dim=1) == target).float().mean()
+        if log_interval and batch_idx % log_interval == 0:
+            print(f"Train Epoch: {epoch} [{batch_idx}/{len(train_loader)}]\tLoss: {loss.item():.6f}"
+                  f"\tAccuracy: {accuracy.item():.2f}")
+        yield loss, accuracy
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    n: int
+    predictions: torch.Tensor  # predicted label per image, on the CPU
+    targets: torch.Tensor
+    probabilities: torch.Tensor  # softmax of the outputs, [n, classes], on the CPU
+
+    def per_class_accuracy(self, num_classes: int) -> list[float]:
+        correct = torch.bincount(self.targets[self.predictions == self.targets], minlength=num_classes)
+        total = torch.bincount(self.targets, minlength=num_classes).clamp(min=1)
+        return (correct.double() / total).tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
+             amp_dtype: torch.dtype | None = None) -> EvalResult:
+    """Loss, accuracy and predictions of `model` over `loader`; one host sync at the end."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    outputs, targets = [], []
+    for data, target in loader:
+        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(data).float()
+        loss_sum += F.cross_entropy(output, target, reduction="sum")
+        outputs.append(output.log_softmax(dim=1))
+        targets.append(target)
+    log_probs, targets_t = torch.cat(outputs).cpu(), torch.cat(targets).cpu()
+    predictions = log_probs.argmax(dim=1)
+    n = len(targets_t)
+    return EvalResult(loss=loss_sum.item() / max(n, 1), accuracy=(predictions == targets_t).double().mean().item(),
+                      n=n, predictions=predictions, targets=targets_t, probabilities=log_probs.exp())
+
+
+def test(model: nn.Module, device: torch.device, test_loader: Iterable,
+         amp_dtype: torch.dtype | None = None) -> Iterator[tuple[float, float]]:
+    """The notebook's test loop: prints a summary and yields one (average loss, accuracy)."""
+    result = evaluate(model, test_loader, device, amp_dtype)
+    print(f"\nTest set: Average loss: {result.loss:.4f}, Accuracy: {round(result.accuracy * result.n)}/{result.n} "
+          f"({100 * result.accuracy:.0f}%)\n")
+    yield result.loss, result.accuracy
+
+
+def train_one_epoch(model: nn.Module, device: torch.device, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    *, scheduler=None, amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0,
+                    log_interval: int | None = None, on_batch=None) -> tuple[float, float]:
+    """Mean training loss and accuracy over one epoch; sums stay on the device until the end.
+
+    `on_batch(batch_idx, loss)` is called after each step (the progress bar uses it).
+    """
+    loss_sum = torch.zeros((), device=device)
+    acc_sum = torch.zeros((), device=device)
+    batches = 0
+    for loss, accuracy in train(model, device, loader, optimizer, log_interval=log_interval, scheduler=scheduler,
+                                amp_dtype=amp_dtype, label_smoothing=label_smoothing):
+        loss_sum += loss
+        acc_sum += accuracy
+        batches += 1
+        if on_batch is not None:
+            on_batch(batches, loss)
+    return loss_sum.item() / max(batches, 1), acc_sum.item() / max(batches, 1)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    lr: float
+    seconds: float  # wall time of this epoch's training and evaluation
+
+
+@dataclass
+class History:
+    records: list[EpochRecord] = field(default_factory=list)
+
+    def column(self, name: str) -> list[float]:
+        return [getattr(r, name) for r in self.records]
+
+
+def fit_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, n_epochs: int, device: torch.device,
+               train_loader: Iterable, val_loader: Iterable | None, *, scheduler=None,
+               amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0, first_epoch: int = 1,
+               log_interval: int | None = None, on_batch=None) -> Iterator[EpochRecord]:
+    """Train and validate epoch by epoch, yielding one record per epoch (the caller logs and saves)."""
+    for epoch in range(first_epoch, n_epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(model, device, train_loader, optimizer, scheduler=scheduler,
+                                                amp_dtype=amp_dtype, label_smoothing=label_smoothing,
+                                                log_interval=log_interval, on_batch=on_batch)
+        val = evaluate(model, val_loader, device, amp_dtype) if val_loader is not None else None
+        yield EpochRecord(epoch, train_loss, train_acc, val.loss if val else None, val.accuracy if val else None,
+                          lr, time.perf_counter() - start)
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, n_epochs: int, device: torch.device,
+        train_loader: Iterable, test_loader: Iterable | None, log_interval: int | None = None, *,
+        plot: bool = True, **kwargs) -> History:
+    """The notebook's `fit`: train for `n_epochs`, print each epoch, draw loss and accuracy curves."""
+    history = History()
+    for record in fit_epochs(model, optimizer, n_epochs, device, train_loader, test_loader,
+                             log_interval=log_interval, **kwargs):
+        history.records.append(record)
+        val = f", val loss {record.val_loss:.4f}, val acc {record.val_acc:.4f}" if record.val_acc is not None else ""
+        print(f"epoch {record.epoch}/{n_epochs}: train loss {record.train_loss:.4f}, "
+              f"train acc {record.train_acc:.4f}{val} ({record.seconds:.1f} s)")
+    if plot:
+        from cifarlab.plots import plot_history
+
+        plot_history(history, n_epochs)
+    return history

@@ -1,0 +1,6 @@
+"""Models, each family in its own file; importing this package registers them all."""
+from cifarlab.models import simple_cnn  # noqa: F401  (registers its models)
+from cifarlab.models.registry import create_model, model_names, register_model
+from cifarlab.models.simple_cnn import CIFAR10CNN
+
+__all__ = ["CIFAR10CNN", "create_model", "model_names", "register_model"]

@@ -1,0 +1,30 @@
+"""A name -> builder registry, as timm does it: one decorator, one lookup, no if/elif dispatch."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from cifarlab.errors import CifarlabError, unknown_name
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register `builder` under its function name; it takes keyword arguments, num_classes among them."""
+    _BUILDERS[builder.__name__] = builder
+    return builder
+
+
+def model_names() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model by name (10 classes unless num_classes says otherwise)."""
+    if name not in _BUILDERS:
+        raise unknown_name("model", name, model_names())
+    try:
+        return _BUILDERS[name](**kwargs)
+    except TypeError as error:
+        raise CifarlabError(f"model '{name}': bad arguments {kwargs} ({error})") from None
