@@ -25,7 +25,8 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
     own_source = data is None and dataset is None
     if own_source:
         data, dataset = config.get("data"), config.get("dataset")
-    bundle = load_data(data, dataset, config.get("val_split") if own_source else None, config.get("seed", 0),
+    # the run's own source is split as in training; another source is evaluated whole (or its test split)
+    bundle = load_data(data, dataset, config.get("val_split") if own_source else 0, config.get("seed", 0),
                        info.image_size)
     if bundle.classes != info.classes:
         raise CifarlabError(f"{bundle.source}: its classes {bundle.classes} do not match the model's {info.classes}")

@@ -21,11 +21,12 @@ def format_epoch(record: EpochRecord, n_epochs: int, split: str | None) -> str:
 
 
 class EpochProgress:
-    def __init__(self, n_epochs: int, steps_per_epoch: int, split: str | None, out: TextIO = sys.stdout,
-                 bar_stream: TextIO = sys.stderr) -> None:
-        self.n_epochs, self.steps, self.split, self.out = n_epochs, steps_per_epoch, split, out
-        self.live = bar_stream.isatty()
-        self.bar_stream = bar_stream
+    def __init__(self, n_epochs: int, steps_per_epoch: int, split: str | None, out: TextIO | None = None,
+                 bar_stream: TextIO | None = None) -> None:
+        self.n_epochs, self.steps, self.split = n_epochs, steps_per_epoch, split
+        self.out = out or sys.stdout  # looked up now, not at import: tests and notebooks swap the streams
+        self.bar_stream = bar_stream or sys.stderr
+        self.live = self.bar_stream.isatty()
         self.bar = None
         self.last_postfix = 0.0
 

@@ -88,4 +88,7 @@ class TensorLoader:
                 images = augment_batch(images, self.augment, self.generator).permute(0, 3, 1, 2)
             else:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield (images.to(self.dtype) * self.scale + self.shift).contiguous(memory_format=torch.channels_last), labels
+            # in float32 (scale and shift are float32, so a bf16/fp16 product would be promoted back
+            # anyway), then cast: the batch comes out in the dtype asked for
+            images = images.to(torch.float32) * self.scale + self.shift
+            yield images.to(self.dtype).contiguous(memory_format=torch.channels_last), labels

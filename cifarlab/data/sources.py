@@ -141,23 +141,27 @@ def _decode(data: bytes, size: int, where: str) -> tuple[np.ndarray, bool]:
         raise CifarlabError(f"{where}: not a readable image ({error})") from None
 
 
-def _class_files(tree: FileTree, prefix: str) -> dict[str, list[str]]:
+def _is_hidden(path: str) -> bool:
+    return any(part.startswith(".") for part in path.split("/"))
+
+
+def _class_files(tree: FileTree, prefix: str, where: str) -> dict[str, list[str]]:
     """class name -> sorted file paths, for the class folders directly under prefix."""
     classes: dict[str, list[str]] = {}
     for path in tree:
         if not path.startswith(prefix):
             continue
-        parts = path[len(prefix):].split("/")
-        if any(p.startswith(".") for p in parts):
+        if _is_hidden(path[len(prefix):]):
             continue  # hidden files (.DS_Store and the like) are not data
+        parts = path[len(prefix):].split("/")
         if len(parts) != 2:
-            raise CifarlabError(f"{path}: expected <class>/<image> under '{prefix or './'}'")
+            raise CifarlabError(f"{where}/{path}: expected <class>/<image> under '{prefix or './'}'")
         classes.setdefault(parts[0], []).append(path)
     return {name: sorted(files) for name, files in sorted(classes.items())}
 
 
 def _read_folder_split(tree: FileTree, prefix: str, size: int, where: str, notes: list[str]) -> ImageSet:
-    classes = _class_files(tree, prefix)
+    classes = _class_files(tree, prefix, where)
     if not classes:
         raise CifarlabError(f"{where}/{prefix}: no class folders with images")
     images, labels, converted = [], [], 0
@@ -174,7 +178,8 @@ def _read_folder_split(tree: FileTree, prefix: str, size: int, where: str, notes
 
 
 def _empty_class_dirs(dirs: set[str], tree: FileTree) -> list[str]:
-    return sorted(d for d in dirs if not any(p.startswith(d + "/") for p in tree))
+    # hidden files (.DS_Store) do not count: a folder of them alone would vanish as a class otherwise
+    return sorted(d for d in dirs if not any(p.startswith(d + "/") and not _is_hidden(p[len(d) + 1:]) for p in tree))
 
 
 def _read_image_folders(tree: FileTree, dirs: set[str], size: int, where: str, notes: list[str]) -> Splits:
@@ -207,13 +212,14 @@ def _read_image_folders(tree: FileTree, dirs: set[str], size: int, where: str, n
 def _strip_single_root(tree: FileTree, dirs: set[str]) -> tuple[FileTree, set[str]]:
     """Archives often wrap everything in one folder (cifar10/train/...): look inside it."""
     while True:
-        roots = {p.split("/")[0] for p in tree} | {d.split("/")[0] for d in dirs}
+        # hidden entries beside the folder (a .DS_Store next to it) are not data and do not count
+        roots = {p.split("/")[0] for p in (*tree, *dirs) if not p.startswith(".")}
         root = next(iter(roots)) if len(roots) == 1 else None
-        if root is None or root in ("train", *TEST_FOLDER_NAMES) or any("/" not in p for p in tree):
+        if root is None or root in ("train", *TEST_FOLDER_NAMES) or root in tree:  # root in tree: a lone file
             return tree, dirs
         cut = len(root) + 1
-        tree = {p[cut:]: r for p, r in tree.items()}
-        dirs = {d[cut:] for d in dirs if "/" in d}
+        tree = {p[cut:]: r for p, r in tree.items() if p.startswith(root + "/")}
+        dirs = {d[cut:] for d in dirs if d.startswith(root + "/")}
 
 
 def _folder_tree(root: Path) -> tuple[FileTree, set[str]]:
@@ -228,6 +234,12 @@ def _folder_tree(root: Path) -> tuple[FileTree, set[str]]:
     return tree, dirs
 
 
+def _member_name(name: str) -> str:
+    """'./train/cat/1.png' -> 'train/cat/1.png'. Drops '.' and empty parts only: a character-wise strip
+    would turn './.DS_Store' into 'DS_Store', a file that no longer looks hidden."""
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
 def _archive_tree(path: Path) -> tuple[FileTree, set[str]]:
     tree: FileTree = {}
     dirs: set[str] = set()
@@ -235,7 +247,9 @@ def _archive_tree(path: Path) -> tuple[FileTree, set[str]]:
         if path.name.endswith(".zip"):
             with zipfile.ZipFile(path) as archive:
                 for info in archive.infolist():
-                    name = info.filename.strip("/")
+                    name = _member_name(info.filename)
+                    if not name:
+                        continue
                     if info.is_dir():
                         dirs.add(name)
                     else:
@@ -243,14 +257,17 @@ def _archive_tree(path: Path) -> tuple[FileTree, set[str]]:
         else:
             with tarfile.open(path, "r:*") as archive:
                 for member in archive:  # one sequential pass: a gzip stream cannot seek back cheaply
-                    name = member.name.lstrip("./")
+                    name = _member_name(member.name)
+                    if not name:
+                        continue  # the '.' member of `tar -C root .`
                     if member.isdir():
-                        dirs.add(name.rstrip("/"))
+                        dirs.add(name)
                     elif member.isfile():
                         data = archive.extractfile(member).read()
                         tree[name] = (lambda data: lambda: data)(data)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as error:
-        raise CifarlabError(f"{path}: corrupt or truncated archive ({error or type(error).__name__})") from None
+        detail = " ".join(str(error).split()) or type(error).__name__  # tarfile's r:* error spans lines
+        raise CifarlabError(f"{path}: corrupt or truncated archive ({detail})") from None
     for name in list(tree):  # parent folders of files count as folders even when not listed
         parts = name.split("/")
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))

@@ -43,9 +43,13 @@ def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch
     generator = torch.Generator().manual_seed(seed)
     classes, counts = torch.unique(labels, return_counts=True)
     exact = counts.double() * n_val / len(labels)
-    take = exact.floor().long()
-    # largest remainders get the images that flooring left over, so the total is exactly n_val
-    take[torch.argsort(exact - take, descending=True)[: n_val - int(take.sum())]] += 1
+    take = torch.minimum(exact.floor().long(), counts - 1)  # every class keeps a training image
+    # the images flooring left over go one each to the largest remainders among classes with room,
+    # so the total is exactly n_val (load_data guarantees n_val <= images - classes)
+    while int(take.sum()) < n_val:
+        room = take < counts - 1
+        order = torch.argsort(torch.where(room, exact - take, torch.full_like(exact, -1e9)), descending=True)
+        take[order[: min(n_val - int(take.sum()), int(room.sum()))]] += 1
     val_parts = []
     for cls, k in zip(classes.tolist(), take.tolist()):
         members = torch.nonzero(labels == cls).flatten()
@@ -61,7 +65,10 @@ def resolve_source(data: str | None, dataset: str | None) -> tuple[Path, str]:
     if data and dataset:
         raise CifarlabError("pass either --data SOURCE or --dataset NAME, not both")
     if data:
-        return Path(data).expanduser(), str(Path(data).expanduser().resolve())
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise CifarlabError(f"{data}: no such file or folder")
+        return path, str(path.resolve())
     name = dataset or "cifar10"
     return fetch_official(name), name
 

@@ -1,0 +1,150 @@
+"""The command line end to end: train -> run folder -> eval, and clean one-line errors for bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlab.cli import main
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+@pytest.fixture
+def image_root(tmp_path: Path, image_folder_writer) -> Path:
+    """Three classes of 20 images each, class folders directly under the root (no test split)."""
+    root = tmp_path / "images"
+    image_folder_writer(root, {name: 20 for name in CLASSES})
+    return root
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real command, as a user runs it (a fresh process: exit status, stdout, stderr)."""
+    return subprocess.run([sys.executable, "-m", "cifarlab", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+
+
+TINY = ["--model", "cifar10_cnn", "--epochs", "2", "--batch-size", "16", "--val-split", "12", "--seed", "3"]
+
+
+def test_train_writes_a_complete_run_folder_and_eval_agrees(image_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(image_root), *TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluating on val: 12 images held out" in printed
+    assert "epoch 1/2" in printed and "epoch 2/2" in printed  # one plain line per epoch when not a terminal
+
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.png", "metrics.csv", "model.pt",
+                                                     "summary.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 2 and config["batch_size"] == 16 and config["val_split"] == 12
+    assert config["data"] == str(image_root.resolve()) and config["model"] == "cifar10_cnn"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_split"] == "val" and summary["eval_images"] == 12 and summary["train_images"] == 48
+    assert summary["images_per_second"] > 0 and summary["versions"]["torch"] == torch.__version__
+    assert float(rows[-1]["val_acc"]) == pytest.approx(summary["accuracy"], abs=1e-6)
+
+    assert main(["eval", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "val" and result["n"] == 12
+    assert result["accuracy"] == pytest.approx(summary["accuracy"], abs=1e-9)  # the same held-out images
+    assert result["loss"] == pytest.approx(summary["loss"], rel=1e-4)
+    assert list(result["per_class_accuracy"]) == CLASSES
+
+    assert main(["eval", str(out / "model.pt"), "--split", "train", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 48
+
+
+def test_official_format_evaluates_on_its_test_split(tmp_path: Path, cifar10_tar_gz, capsys) -> None:
+    archive, data = cifar10_tar_gz
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(archive), "--epochs", "1", "--batch-size", "8", "--out", str(out)]) == 0
+    assert "evaluating on the source's test split (10 images)" in capsys.readouterr().out
+    assert main(["eval", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["n"] == len(data.test_labels)
+
+
+def test_eval_text_output_lists_every_class(image_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    main(["train", "--data", str(image_root), *TINY, "--epochs", "1", "--out", str(out)])
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("val accuracy ") and all(name in text for name in CLASSES)
+
+
+def test_eval_refuses_data_with_other_classes(image_root: Path, tmp_path: Path, image_folder_writer, capsys) -> None:
+    out = tmp_path / "run"
+    main(["train", "--data", str(image_root), *TINY, "--epochs", "1", "--out", str(out)])
+    other = tmp_path / "other"
+    image_folder_writer(other, {"apple": 3, "pear": 3, "plum": 3})
+    assert main(["eval", str(out), "--data", str(other)]) == 2
+    assert "do not match the model's" in capsys.readouterr().err
+
+
+def test_out_folder_is_never_overwritten(image_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["train", "--data", str(image_root), *TINY, "--out", str(out)]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_default_run_folders_are_new_each_time(image_root: Path, tmp_path: Path) -> None:
+    for _ in range(2):
+        assert main(["train", "--data", str(image_root), *TINY, "--epochs", "1"]) == 0 or True
+    # run from tmp_path so runs/ lands there
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert main(["train", "--data", str(image_root), *TINY, "--epochs", "1"]) == 0
+        assert main(["train", "--data", str(image_root), *TINY, "--epochs", "1"]) == 0
+    finally:
+        os.chdir(cwd)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "model.pt").exists() for r in runs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "no/such/place"], "no/such/place: no such file or folder"),
+    (["train", "--data", "IMAGES", "--lr", "0"], "--lr 0.0: must be greater than 0"),
+    (["train", "--data", "IMAGES", "--batch-size", "0"], "--batch-size 0: must be 1 or more"),
+    (["train", "--data", "IMAGES", "--epochs", "0"], "--epochs 0: must be 1 or more"),
+    (["train", "--data", "IMAGES", "--val-split", "100000"], "--val-split 100000: must be from 0 to"),
+    (["train", "--data", "IMAGES", "--recipe", "sed"], "unknown recipe 'sed' (did you mean seed?)"),
+    (["train", "--data", "IMAGES", "--model", "cifar_cnn"], "unknown model 'cifar_cnn' (did you mean cifar10_cnn?)"),
+    (["eval", "no/such/run"], "no/such/run: no such run folder or checkpoint"),
+])
+def test_bad_input_is_one_line_and_status_2(args: list[str], message: str, image_root: Path, tmp_path: Path) -> None:
+    args = [str(image_root) if a == "IMAGES" else a for a in args]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("cifarlab: error: ")
+    assert message in result.stderr
+    assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
+
+
+def test_eval_of_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    result = run_cli("eval", str(tmp_path))
+    assert result.returncode == 2 and "not a run folder" in result.stderr
+
+
+def test_help_explains_the_commands() -> None:
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for flag in ("--data", "--dataset", "--recipe", "--model", "--epochs", "--batch-size", "--lr", "--val-split",
+                 "--seed", "--device", "--out"):
+        assert flag in result.stdout
