@@ -61,19 +61,47 @@ class EvalResult:
         return (correct.double() / total).tolist()
 
 
+def _shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Translate a batch by (dy, dx) pixels with reflected edges, keeping its size."""
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    return padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+
+
+def tta_log_probs(model: nn.Module, images: torch.Tensor, tta: int = 0) -> torch.Tensor:
+    """Log-probabilities averaged over test-time views, as airbench does it.
+
+    tta 0: the image alone. 1: the image and its mirror. 2: those two plus both shifted one pixel
+    up-left and down-right (6 views; the unshifted pair weighs half, as in airbench).
+    """
+    if tta == 0:
+        return model(images).float().log_softmax(dim=1)
+    views = [images, images.flip(-1)]
+    weights = [1.0] * len(views)
+    if tta >= 2:
+        pair = views[:]
+        views += [_shift(v, d, d) for d in (1, -1) for v in pair]
+        weights = [0.25, 0.25] + [0.125] * 4
+    probs = sum(w * model(v).float().softmax(dim=1) for w, v in zip(weights, views)) / sum(weights)
+    return probs.clamp_min(1e-12).log()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             amp_dtype: torch.dtype | None = None) -> EvalResult:
-    """Loss, accuracy and predictions of `model` over `loader`; one host sync at the end."""
+             amp_dtype: torch.dtype | None = None, tta: int = 0) -> EvalResult:
+    """Loss, accuracy and predictions of `model` over `loader` (see `tta_log_probs` for `tta`).
+
+    One host sync, at the end.
+    """
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     outputs, targets = [], []
     for data, target in loader:
         data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            output = model(data).float()
-        loss_sum += F.cross_entropy(output, target, reduction="sum")
-        outputs.append(output.log_softmax(dim=1))
+            output = tta_log_probs(model, data, tta)
+        loss_sum += F.nll_loss(output, target, reduction="sum")
+        outputs.append(output)
         targets.append(target)
     log_probs, targets_t = torch.cat(outputs).cpu(), torch.cat(targets).cpu()
     predictions = log_probs.argmax(dim=1)
