@@ -42,6 +42,26 @@ def save_model(path: Path, model: nn.Module, info: ModelInfo) -> None:
     }, path)
 
 
+def safe_load(path: Path) -> object:
+    """torch.load with weights_only=True: tensors and plain values only. A pickle that would build
+    any other object (and so could run code) is refused before anything is built."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CifarlabError(f"{path}: refused to load: it holds objects other than tensors and plain values, "
+                            f"which could run code ({_first_line(error, prefer='global')})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise CifarlabError(f"{path}: corrupt or truncated checkpoint ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException, prefer: str = "") -> str:
+    """One line of a long message; with `prefer`, the first line naming it (torch's refusal names the
+    blocked global on a later line, after advice to turn the check off, which we do not repeat)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    chosen = next((line for line in lines if prefer and prefer.lower() in line.lower()), lines[0])
+    return chosen[:200]
+
+
 def resolve_model_path(path: Path) -> Path:
     """A run folder means its model.pt; a file is taken as it is."""
     if path.is_dir():
@@ -56,13 +76,7 @@ def resolve_model_path(path: Path) -> Path:
 def load_model(path: Path, device: torch.device = torch.device("cpu")) -> tuple[nn.Module, ModelInfo]:
     """The model (weights loaded, on `device`, in eval mode) and what it was trained on."""
     path = resolve_model_path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CifarlabError(f"{path}: refused to load: it holds objects other than tensors and plain values, "
-                            f"which could run code ({str(error).splitlines()[0][:200]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
-        raise CifarlabError(f"{path}: corrupt or truncated checkpoint ({str(error).splitlines()[0][:200]})") from None
+    data = safe_load(path)
     if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
         raise CifarlabError(f"{path}: not a cifarlab model file (expected format {MODEL_FORMAT})")
     info = ModelInfo(data["model"], dict(data["model_args"]), list(data["classes"]), list(data["mean"]),

@@ -4,17 +4,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import traceback
 from pathlib import Path
 
 from cifarlab.config import RECIPES, recipe
 from cifarlab.errors import CifarlabError
+from cifarlab.resume import INTERRUPTED_STATUS, RunInterrupted
 
 EPILOG = """examples:
   cifarlab train --data ../shared/data/cifar10-jpeg-train.tar.gz --recipe seed
   cifarlab train --dataset cifar10 --epochs 5 --out runs/first
   cifarlab eval runs/first --json
+  cifarlab eval runs/first --tta 2 --out runs/first/eval
+  cifarlab report runs/first
+  cifarlab predict runs/first photo.jpg --json
+  cifarlab export runs/first --format onnx
 """
 
 
@@ -40,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the recipe's value. Writes config.json, metrics.csv, curves.png, "
                                             "model.pt and summary.json into the run folder.")
     _add_data_args(train)
-    train.add_argument("--recipe", default="seed", help=f"named settings to start from: {', '.join(sorted(RECIPES))} "
+    train.add_argument("--recipe", help=f"named settings to start from: {', '.join(sorted(RECIPES))} "
                                                         "(default: seed)")
     train.add_argument("--model", help="registered model name (see the recipe for its default)")
     train.add_argument("--epochs", type=int, help="passes over the training images")
@@ -54,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                        help="auto: bf16 on CPUs with native bf16 (else fp32), bf16/fp16 on CUDA")
     train.add_argument("--out", metavar="DIR", help="run folder to create (default: a new folder under runs/)")
+    train.add_argument("--checkpoint-every", type=int, metavar="N",
+                       help="also save RUN_DIR/checkpoint.pt every N steps (it is always saved after each epoch)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue an interrupted run exactly where its checkpoint left it, with its own settings")
+    _add_recipe_flags(train)
+    train.add_argument("--tensorboard", action="store_true",
+                       help="also write TensorBoard event files into the run folder (needs the tensorboard package)")
 
     evaluate = commands.add_parser("eval", help="evaluate a trained model on a split",
                                    description="Evaluate a run folder or model.pt on a data split.")
@@ -63,40 +76,190 @@ def build_parser() -> argparse.ArgumentParser:
                           help="default: the split the run reported on (val if it held one out, else test)")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--tta", type=int, choices=[0, 1, 2], default=0,
+                          help="test-time augmentation: 1 = image + mirror, 2 = also 1-px shifts (6 views); "
+                               "reports accuracy with and without it and the gain")
+    evaluate.add_argument("--out", metavar="DIR", help="write eval.json, confusion_matrix.png, reliability.png and "
+                                                       "worst_mistakes.png there")
+    _add_inspection_commands(commands)
+    commands.add_parser("models", help="list the registered models with parameters and forward FLOPs",
+                        description="Every name --model accepts, with its parameter count and forward MFLOPs "
+                                    "per 32x32 image (a multiply-add counts as 2 FLOPs).")
+    for command in commands.choices.values():  # `cifarlab train ... --debug` works as well as `cifarlab --debug train`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show full tracebacks for errors")
     return parser
+
+
+# the recipe fields the command line exposes besides the basics (rarer ones live only in recipes)
+RECIPE_FLAGS = ("optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad", "ema",
+                "randaugment", "cutout", "mixup", "cutmix", "sync_bn")
+
+
+def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
+    group = train.add_argument_group("training options (each overrides the recipe's value; 0 turns one off)")
+    group.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="sgd is Nesterov SGD")
+    group.add_argument("--schedule", choices=["constant", "onecycle", "cosine"], help="per-step learning rate")
+    group.add_argument("--weight-decay", type=float, metavar="WD", help="on weights only (not norms or biases)")
+    group.add_argument("--warmup-epochs", type=float, metavar="E", help="linear warm-up of the learning rate")
+    group.add_argument("--label-smoothing", type=float, metavar="EPS")
+    group.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm to NORM")
+    group.add_argument("--ema", type=float, metavar="DECAY",
+                       help="evaluate and save an exponential moving average of the weights (e.g. 0.999)")
+    group.add_argument("--randaugment", type=int, metavar="N", help="RandAugment: N ops per image (magnitude 9)")
+    group.add_argument("--cutout", type=int, metavar="PX", help="cut out a PX x PX square per image")
+    group.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA)")
+    group.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)")
+    group.add_argument("--sync-bn", action="store_true", default=None,
+                       help="under torchrun on GPUs: BatchNorm statistics over the global batch")
+
+
+def _add_inspection_commands(commands) -> None:
+    """report, predict, export and lr-find: looking at and using what a run learned."""
+    report = commands.add_parser("report", help="write a self-contained report.html for a run folder",
+                                 description="Write RUN_DIR/report.html: config, timing, learning curves, "
+                                             "generalisation gap and evaluation views, images embedded.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/report.html)")
+
+    predict = commands.add_parser("predict", help="label image files with a trained model",
+                                  description="Top-k classes with probabilities for image files of any size or "
+                                              "mode (resized to the model's training resolution).")
+    predict.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    predict.add_argument("images", metavar="IMAGE", nargs="+")
+    predict.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: 3)")
+    predict.add_argument("--tta", type=int, choices=[0, 1, 2], default=0, help="test-time augmentation, as eval")
+    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    predict.add_argument("--json", action="store_true",
+                         help="print a JSON list: {path, label, probability, topk: [{label, probability}]} per image")
+
+    export = commands.add_parser("export", help="export a trained model to ONNX, safetensors or TorchScript",
+                                 description="Export and check the file against the PyTorch model. ONNX and "
+                                             "TorchScript take float RGB images in 0..1 and include the "
+                                             "normalisation; safetensors holds weights and metadata.")
+    export.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    export.add_argument("--format", required=True, choices=["onnx", "safetensors", "torchscript"])
+    export.add_argument("--out", metavar="FILE", help="default: model.onnx / model.safetensors / model.ts.pt "
+                                                      "beside the checkpoint")
+
+    finder = commands.add_parser("lr-find", help="learning-rate range test: loss against an exponentially "
+                                                 "growing learning rate",
+                                 description="Train a throw-away model from the recipe while the learning rate "
+                                             "grows from --start-lr to --end-lr; stop when the loss diverges; "
+                                             "plot it and print the suggested rate (steepest descent).")
+    _add_data_args(finder)
+    finder.add_argument("--recipe", default="seed", help="settings to start from (default: seed)")
+    finder.add_argument("--model", help="registered model name")
+    finder.add_argument("--batch-size", type=int)
+    finder.add_argument("--val-split", type=int, metavar="N", help="as train: these images are left out")
+    finder.add_argument("--seed", type=int)
+    finder.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    finder.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    finder.add_argument("--steps", type=int, default=200, help="steps of the sweep (default: 200)")
+    finder.add_argument("--start-lr", type=float, default=1e-7)
+    finder.add_argument("--end-lr", type=float, default=10.0)
+    finder.add_argument("--out", metavar="FILE", default="lr_find.png", help="the plot (default: lr_find.png)")
 
 
 def _train_command(args: argparse.Namespace) -> None:
     from cifarlab.trainer import run_training
 
-    config = recipe(args.recipe)
+    config = recipe(args.recipe or "seed")
     overrides = {name: getattr(args, name) for name in
-                 ("data", "dataset", "model", "epochs", "batch_size", "lr", "val_split", "seed", "device", "precision")
+                 ("data", "dataset", "model", "epochs", "batch_size", "lr", "val_split", "seed", "device", "precision",
+                  "checkpoint_every", *RECIPE_FLAGS)
                  if getattr(args, name) is not None}
+    if args.resume is not None:
+        given = [f"--{name.replace('_', '-')}" for name in [*overrides, *(["recipe"] if args.recipe else []),
+                                                            *(["out"] if args.out else [])]]
+        if given:
+            raise CifarlabError(f"--resume {args.resume}: continues the run with its own settings; drop "
+                                f"{', '.join(given)}")
+        run_training(config, tensorboard=args.tensorboard, resume=args.resume)
+        return
     if overrides.get("model", config.model) != config.model:
         overrides["model_args"] = {}  # the recipe's model arguments belong to the recipe's model
     if "data" in overrides or "dataset" in overrides:
         overrides.setdefault("data", None)
         overrides.setdefault("dataset", None)
-    run_training(dataclasses.replace(config, **overrides), args.out)
+    run_training(dataclasses.replace(config, **overrides), args.out, tensorboard=args.tensorboard)
 
 
 def _eval_command(args: argparse.Namespace) -> None:
     from cifarlab.evaluation import evaluate_model
 
     result = evaluate_model(Path(args.model), data=args.data, dataset=args.dataset, split=args.split,
-                            device=args.device)
+                            device=args.device, tta=args.tta, out=Path(args.out) if args.out else None)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"{result['split']} accuracy {100 * result['accuracy']:.2f}% "
               f"({result['correct']}/{result['n']}), loss {result['loss']:.4f}  [{result['data']}]")
+        if "tta" in result:
+            tta = result["tta"]
+            print(f"with test-time augmentation ({tta['views']} views): {100 * tta['accuracy']:.2f}%, "
+                  f"gain {100 * tta['gain']:+.2f} points")
         width = max(len(name) for name in result["per_class_accuracy"])
+        scores = result.get("per_class")
         for name, accuracy in result["per_class_accuracy"].items():
-            print(f"  {name:<{width}}  {100 * accuracy:6.2f}%")
+            extra = (f"  precision {100 * scores[name]['precision']:6.2f}%  recall {100 * scores[name]['recall']:6.2f}%"
+                     if scores else "")
+            print(f"  {name:<{width}}  {100 * accuracy:6.2f}%{extra}")
+        if "out" in result:
+            print(f"expected calibration error {100 * result['ece']:.2f}%; wrote the views to {result['out']}")
 
 
-COMMANDS = {"train": _train_command, "eval": _eval_command}
+def _report_command(args: argparse.Namespace) -> None:
+    from cifarlab.report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir), Path(args.out) if args.out else None)}")
+
+
+def _predict_command(args: argparse.Namespace) -> None:
+    from cifarlab.predict import format_predictions, predict_files
+
+    results = predict_files(Path(args.model), [Path(p) for p in args.images], top_k=args.top_k, device=args.device,
+                            tta=args.tta)
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+
+
+def _export_command(args: argparse.Namespace) -> None:
+    from cifarlab.export import export_model
+
+    result = export_model(Path(args.model), args.format, Path(args.out) if args.out else None)
+    print(f"wrote {result['path']} ({result['format']}): input {result['input']}, output {result['output']}; "
+          f"max difference from the PyTorch model {result['max_abs_diff']:.2g} (tolerance {result['tolerance']:g})")
+
+
+LR_FIND_FLAGS = ("data", "dataset", "model", "batch_size", "val_split", "seed", "device", "precision")
+
+
+def _lr_find_command(args: argparse.Namespace) -> None:
+    from cifarlab.lr_find import lr_range_test, save_lr_plot
+
+    config = recipe(args.recipe)
+    overrides = {name: getattr(args, name) for name in LR_FIND_FLAGS if getattr(args, name) is not None}
+    if overrides.get("model", config.model) != config.model:
+        overrides["model_args"] = {}  # as train: the recipe's model arguments belong to the recipe's model
+    if "data" in overrides or "dataset" in overrides:
+        overrides.setdefault("data", None)
+        overrides.setdefault("dataset", None)
+    result = lr_range_test(dataclasses.replace(config, **overrides), steps=args.steps, start_lr=args.start_lr,
+                           end_lr=args.end_lr)
+    save_lr_plot(result, Path(args.out))
+    stop = f"stopped at lr {result.lrs[-1]:.3g} (loss diverged)" if result.stopped_early else "reached --end-lr"
+    suggestion = f"suggested lr {result.suggestion:.3g}" if result.suggestion else "no suggestion (the loss never fell)"
+    print(f"{len(result.lrs)} steps, {stop}; {suggestion}; wrote {args.out}")
+
+
+def _models_command(args: argparse.Namespace) -> None:
+    from cifarlab.models.catalog import format_table, list_models
+
+    print(format_table(list_models()))
+
+
+COMMANDS = {"models": _models_command, "train": _train_command, "eval": _eval_command, "report": _report_command,
+            "predict": _predict_command, "export": _export_command, "lr-find": _lr_find_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"cifarlab: error: {error}", file=sys.stderr)
+        return 2
+    except RunInterrupted as stopped:
+        print(f"cifarlab: {stopped}\nresume with: cifarlab train --resume {shlex.quote(str(stopped.run_dir))}",
+              file=sys.stderr)
+        return INTERRUPTED_STATUS
+    except OSError as error:  # an unreadable path or a failed write the modules did not name themselves
+        if args.debug:
+            traceback.print_exc()
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"cifarlab: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cifarlab: interrupted", file=sys.stderr)

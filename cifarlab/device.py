@@ -44,8 +44,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
-def set_cpu_threads() -> int:
-    """Use every core this process may run on (the affinity mask, not the machine's count)."""
+def set_cpu_threads(processes: int = 1) -> int:
+    """Use every core this process may run on (the affinity mask, not the machine's count), shared
+    evenly among `processes` processes on this node (torchrun's ranks would otherwise oversubscribe)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = max(n // processes, 1)
     torch.set_num_threads(n)
     return n

@@ -20,21 +20,35 @@ from torch import nn
 from cifarlab.device import autocast
 
 
+def mixed_cross_entropy(output: torch.Tensor, target: torch.Tensor, partner: torch.Tensor | None = None,
+                        lam: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against `target`, or for a mixup/cutmix batch the `lam`-weighted sum of the losses
+    against both label sets (the same as cross-entropy against the mixed soft labels)."""
+    loss = F.cross_entropy(output, target, label_smoothing=label_smoothing)
+    if partner is None:
+        return loss
+    return lam * loss + (1 - lam) * F.cross_entropy(output, partner, label_smoothing=label_smoothing)
+
+
 def train(model: nn.Module, device: torch.device, train_loader: Iterable, optimizer: torch.optim.Optimizer,
           epoch: int = 0, log_interval: int | None = None, *, scheduler=None, amp_dtype: torch.dtype | None = None,
-          label_smoothing: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+          label_smoothing: float = 0.0, clip_grad: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Train one epoch, yielding (loss, accuracy) of each batch as detached 0-dim tensors.
 
     `log_interval` prints every N batches as the notebook did (that print reads the values, a sync).
+    A batch may carry mixup/cutmix partners, (images, labels, partner labels, weight); accuracy is then
+    against `labels`, the majority of each mixed image. `clip_grad` > 0 clips the gradient norm to it.
     """
     model.train()
-    for batch_idx, (data, target) in enumerate(train_loader):
+    for batch_idx, (data, target, *mix) in enumerate(train_loader):
         data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             output = model(data)
-            loss = F.cross_entropy(output, target, label_smoothing=label_smoothing)
+            loss = mixed_cross_entropy(output, target, *mix, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -119,24 +133,50 @@ def test(model: nn.Module, device: torch.device, test_loader: Iterable,
     yield result.loss, result.accuracy
 
 
+@dataclass
+class EpochSums:
+    """An epoch's running sums, on the device: what a mid-epoch checkpoint keeps to finish the epoch's
+    means exactly. `bad_batch` is the first batch (1-based) whose loss was NaN or inf, 0 while none
+    was; it is updated on the device (no sync) and read only where the trainer checkpoints."""
+
+    loss: torch.Tensor
+    acc: torch.Tensor
+    bad_batch: torch.Tensor
+    batches: int = 0
+    lr: float = 0.0  # the learning rate when the epoch began (the epoch's metrics row reports it)
+
+    @classmethod
+    def zeros(cls, device: torch.device, lr: float = 0.0) -> "EpochSums":
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device),
+                   torch.zeros((), device=device, dtype=torch.long), 0, lr)
+
+    def add(self, loss: torch.Tensor, accuracy: torch.Tensor) -> None:
+        self.loss += loss
+        self.acc += accuracy
+        self.batches += 1
+        self.bad_batch.masked_fill_((self.bad_batch == 0) & ~torch.isfinite(loss), self.batches)
+
+
 def train_one_epoch(model: nn.Module, device: torch.device, loader: Iterable, optimizer: torch.optim.Optimizer,
                     *, scheduler=None, amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0,
-                    log_interval: int | None = None, on_batch=None) -> tuple[float, float]:
+                    clip_grad: float = 0.0,
+                    log_interval: int | None = None, on_batch=None, sums: EpochSums | None = None,
+                    on_step=None) -> tuple[float, float]:
     """Mean training loss and accuracy over one epoch; sums stay on the device until the end.
 
-    `on_batch(batch_idx, loss)` is called after each step (the progress bar uses it).
+    `on_batch(batch_idx, loss)` is called after each step (the progress bar uses it), then
+    `on_step(sums)` (the trainer checkpoints from it). `sums` continues an epoch resumed part-way;
+    it is updated in place.
     """
-    loss_sum = torch.zeros((), device=device)
-    acc_sum = torch.zeros((), device=device)
-    batches = 0
+    sums = sums if sums is not None else EpochSums.zeros(device)
     for loss, accuracy in train(model, device, loader, optimizer, log_interval=log_interval, scheduler=scheduler,
-                                amp_dtype=amp_dtype, label_smoothing=label_smoothing):
-        loss_sum += loss
-        acc_sum += accuracy
-        batches += 1
+                                amp_dtype=amp_dtype, label_smoothing=label_smoothing, clip_grad=clip_grad):
+        sums.add(loss, accuracy)
         if on_batch is not None:
-            on_batch(batches, loss)
-    return loss_sum.item() / max(batches, 1), acc_sum.item() / max(batches, 1)
+            on_batch(sums.batches, loss)
+        if on_step is not None:
+            on_step(sums)
+    return sums.loss.item() / max(sums.batches, 1), sums.acc.item() / max(sums.batches, 1)
 
 
 @dataclass
@@ -160,16 +200,31 @@ class History:
 
 def fit_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, n_epochs: int, device: torch.device,
                train_loader: Iterable, val_loader: Iterable | None, *, scheduler=None,
-               amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0, first_epoch: int = 1,
-               log_interval: int | None = None, on_batch=None) -> Iterator[EpochRecord]:
-    """Train and validate epoch by epoch, yielding one record per epoch (the caller logs and saves)."""
+               amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0, clip_grad: float = 0.0,
+               eval_model: nn.Module | None = None, first_epoch: int = 1,
+               log_interval: int | None = None, on_batch=None, on_step=None,
+               resume_sums: EpochSums | None = None, on_eval=None, tta: int = 0) -> Iterator[EpochRecord]:
+    """Train and validate epoch by epoch, yielding one record per epoch (the caller logs and saves).
+
+    `on_step(epoch, sums)` is called after every step; `resume_sums` continues `first_epoch` part-way.
+    `eval_model` is what validation evaluates (default `model`): the weight EMA, or the model a DDP
+    wrapper holds.
+    """
     for epoch in range(first_epoch, n_epochs + 1):
         start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        sums = (resume_sums if resume_sums is not None and epoch == first_epoch
+                else EpochSums.zeros(device, optimizer.param_groups[0]["lr"]))
+        lr = sums.lr
+        step_hook = (lambda s, e=epoch: on_step(e, s)) if on_step is not None else None
         train_loss, train_acc = train_one_epoch(model, device, train_loader, optimizer, scheduler=scheduler,
                                                 amp_dtype=amp_dtype, label_smoothing=label_smoothing,
-                                                log_interval=log_interval, on_batch=on_batch)
-        val = evaluate(model, val_loader, device, amp_dtype) if val_loader is not None else None
+                                                clip_grad=clip_grad,
+                                                log_interval=log_interval, on_batch=on_batch, sums=sums,
+                                                on_step=step_hook)
+        val = (evaluate(eval_model if eval_model is not None else model, val_loader, device, amp_dtype, tta)
+               if val_loader is not None else None)
+        if val is not None and on_eval is not None:
+            on_eval(val)  # the full EvalResult (predictions, probabilities): the trainer's end-of-run views
         yield EpochRecord(epoch, train_loss, train_acc, val.loss if val else None, val.accuracy if val else None,
                           lr, time.perf_counter() - start)
 

@@ -8,14 +8,20 @@ from cifarlab.data import TensorLoader, load_data
 from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
 from cifarlab.engine import evaluate
 from cifarlab.errors import CifarlabError
+from cifarlab.views import write_eval_views
+
+TTA_VIEWS = {1: 2, 2: 6}  # --tta level -> views averaged (the image and its mirror; plus 1-px shifts)
 
 
 def evaluate_model(model_path: Path, data: str | None = None, dataset: str | None = None,
-                   split: str | None = None, device: str = "auto", batch_size: int = 1000) -> dict:
+                   split: str | None = None, device: str = "auto", batch_size: int = 1000, tta: int = 0,
+                   out: Path | None = None) -> dict:
     """Accuracy, loss and per-class accuracy of a run folder's or checkpoint's model on a split.
 
     Without `data`/`dataset` the run's own source is used, with its validation split and seed, so
-    `--split val` is exactly the held-out set the run reported on.
+    `--split val` is exactly the held-out set the run reported on. `tta` 1 or 2 evaluates a second
+    time with test-time augmentation and reports both accuracies and the gain; `out` writes the
+    evaluation views (of the TTA predictions when asked for) and eval.json there.
     """
     torch_device = pick_device(device)
     if torch_device.type == "cpu":
@@ -33,11 +39,25 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
     split = split or bundle.eval_split or "train"
     images = bundle.split(split)
     loader = TensorLoader(images, batch_size, torch_device, info.mean, info.std)
-    result = evaluate(model, loader, torch_device, autocast_dtype(torch_device, config.get("precision", "auto")))
+    amp_dtype = autocast_dtype(torch_device, config.get("precision", "auto"))
+    result = evaluate(model, loader, torch_device, amp_dtype)
     per_class = result.per_class_accuracy(len(info.classes))
-    return {
+    report = {
         "model": str(resolve_model_path(model_path)), "data": bundle.source, "split": split,
         "accuracy": result.accuracy, "loss": result.loss, "n": result.n,
         "correct": int((result.predictions == result.targets).sum()),
         "per_class_accuracy": dict(zip(info.classes, per_class)),
     }
+    viewed = result
+    if tta:
+        viewed = evaluate(model, loader, torch_device, amp_dtype, tta=tta)
+        report["tta"] = {"views": TTA_VIEWS[tta], "accuracy": viewed.accuracy, "loss": viewed.loss,
+                         "gain": viewed.accuracy - result.accuracy}
+    if out is not None:
+        extra = {key: report[key] for key in ("model", "data", "split")}
+        extra["tta"] = report.get("tta")
+        views = write_eval_views(Path(out), viewed, images.images, info.classes, extra)
+        report.update(out=str(out), ece=views["ece"],
+                      per_class={name: {"precision": v["precision"], "recall": v["recall"]}
+                                 for name, v in views["per_class"].items()})
+    return report

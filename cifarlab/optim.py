@@ -11,11 +11,13 @@ from cifarlab.config import TrainConfig
 from cifarlab.errors import unknown_name
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: norms' scales and biases (1-D tensors) are not decayed."""
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """Weight decay on weights only: norms' scales and biases (1-D tensors) are not decayed, and may
+    take a larger learning rate (`bias_lr_scale`: BatchNorm shifts learn slowly at a weight's lr)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lr": config.lr * config.bias_lr_scale}]
 
 
 _OPTIMIZERS: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
@@ -28,7 +30,7 @@ _OPTIMIZERS: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer not in _OPTIMIZERS:
         raise unknown_name("optimizer", config.optimizer, list(_OPTIMIZERS))
-    return _OPTIMIZERS[config.optimizer](_param_groups(model, config.weight_decay), config)
+    return _OPTIMIZERS[config.optimizer](_param_groups(model, config), config)
 
 
 def _warmup_then(decay: Callable[[float], float], warmup_steps: int, total_steps: int) -> Callable[[int], float]:

@@ -36,6 +36,50 @@ def new_run_dir(out: str | None, recipe: str) -> Path:
     raise CifarlabError("runs/: could not find a free folder name")
 
 
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """One writer per run folder: RUN_DIR/.lock holds the writer's pid under an exclusive flock.
+
+    The kernel drops a flock when its process dies, even by kill -9, so a lock left behind by a dead
+    run is simply taken over; no guessing from pids, which get reused. The file is removed on exit.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.path, self.fd = run_dir, run_dir / LOCK_FILE, -1
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        for _ in range(10):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CifarlabError(f"{self.run_dir}: another cifarlab process (pid {holder}) is writing this "
+                                    f"run folder; wait for it or stop it first") from None
+            try:  # the holder we waited on may have removed the file: lock the file that is there now
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return self
+            os.close(fd)
+        raise CifarlabError(f"{self.path}: could not take the run folder's lock")
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            self.path.unlink(missing_ok=True)  # before closing, while still ours
+            os.close(self.fd)
+            self.fd = -1
+
+
 def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

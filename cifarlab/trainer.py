@@ -4,7 +4,10 @@ This is what `cifarlab train` calls; the notebook-style API lives in `engine` an
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -15,12 +18,19 @@ from cifarlab.checkpoint import MODEL_FILE, ModelInfo, save_model
 from cifarlab.config import TrainConfig
 from cifarlab.data import Augment, DataBundle, TensorLoader, channel_stats, load_data
 from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
+from cifarlab.distributed import (DistInfo, all_reduce_mean, broadcast_path, env_info, report_failure, setup,
+                                  shard_log_path, teardown)
+from cifarlab.ema import WeightEMA
 from cifarlab.engine import History, fit_epochs
+from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
 from cifarlab.optim import build_optimizer, build_scheduler
 from cifarlab.plots import save_curves
 from cifarlab.progress import EpochProgress
-from cifarlab.runs import MetricsWriter, device_description, new_run_dir, versions, write_json
+from cifarlab.resume import CHECKPOINT_FILE, Checkpointer, StopSignals, load_checkpoint, remove_temporaries, restore
+from cifarlab.runs import MetricsWriter, RunLock, device_description, new_run_dir, versions, write_json
+from cifarlab.tblog import TensorBoardLog, require_tensorboard
+from cifarlab.views import EVAL_DIR, write_eval_views
 
 
 def seed_everything(seed: int) -> None:
@@ -41,65 +51,200 @@ def describe_data(bundle: DataBundle, config: TrainConfig) -> str:
 
 
 def make_loaders(bundle: DataBundle, config: TrainConfig, device: torch.device, mean: list[float],
-                 std: list[float]) -> tuple[TensorLoader, TensorLoader | None]:
-    augment = Augment(translate=config.translate, flip=config.flip) if (config.translate or config.flip) else None
+                 std: list[float], dist_info: DistInfo = DistInfo()) -> tuple[TensorLoader, TensorLoader | None]:
+    """The training loader (this rank's shard of each global batch under torchrun) and the evaluation
+    loader (the whole split on every rank: identical weights give identical results, no reduction)."""
+    augment = Augment(translate=config.translate, flip=config.flip, randaugment=config.randaugment,
+                      cutout=config.cutout, mixup=config.mixup, cutmix=config.cutmix)
+    if not (config.translate or config.flip or augment.extras):
+        augment = None
     train_loader = TensorLoader(bundle.train, config.batch_size, device, mean, std, shuffle=True, augment=augment,
-                                drop_last=len(bundle.train) > config.batch_size, seed=config.seed)
+                                drop_last=len(bundle.train) > config.batch_size, seed=config.seed,
+                                rank=dist_info.rank, world=dist_info.world, shard_log=shard_log_path(dist_info),
+                                channels_last=config.channels_last)
     split = bundle.eval_split
-    eval_loader = (TensorLoader(bundle.split(split), config.eval_batch_size, device, mean, std)
-                   if split is not None else None)
+    eval_loader = (TensorLoader(bundle.split(split), config.eval_batch_size, device, mean, std,
+                                channels_last=config.channels_last) if split is not None else None)
     return train_loader, eval_loader
 
 
-def run_training(config: TrainConfig, out: str | None = None) -> Path:
-    """Train as `config` says and write the run folder; returns its path."""
+def memory_format(config: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if config.channels_last else torch.contiguous_format
+
+
+def data_dependent_init(model: torch.nn.Module, bundle: DataBundle, device: torch.device, mean: list[float],
+                        std: list[float], n_images: int = 5000) -> None:
+    """Models that set weights from data (the fast net's whitening stem) get the first training images.
+
+    The same images on every rank and every run with the same seed, so the result is reproducible."""
+    init = getattr(model, "init_from_data", None)
+    if init is not None:
+        sample = bundle.train.subset(torch.arange(min(n_images, len(bundle.train))))
+        images, _ = next(iter(TensorLoader(sample, len(sample), device, mean, std)))
+        init(images)
+
+
+def wrap_distributed(model: torch.nn.Module, config: TrainConfig, dist_info: DistInfo,
+                     device: torch.device) -> torch.nn.Module:
+    """DDP around `model` under torchrun (optionally with SyncBatchNorm); `model` itself for one process.
+
+    SyncBatchNorm replaces the BatchNorm modules inside `model` in place, so the saved weights keep the
+    plain BatchNorm names and load anywhere."""
+    if not dist_info.enabled:
+        return model
+    if config.sync_bn:
+        if device.type != "cuda":
+            raise CifarlabError("--sync-bn: torch's SyncBatchNorm runs on CUDA only; drop it on CPU")
+        for name, child in list(model.named_children()):
+            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def out_of_memory(device: torch.device, config: TrainConfig) -> CifarlabError:
+    smaller = max(config.batch_size // 2, 1)
+    return CifarlabError(f"out of memory on {device} with --batch-size {config.batch_size} (evaluation uses "
+                         f"{config.eval_batch_size}); try --batch-size {smaller}, or a smaller model")
+
+
+def run_training(config: TrainConfig, out: str | None = None, tensorboard: bool = False,
+                 resume: str | None = None) -> Path:
+    """Train as `config` says and write the run folder; returns its path.
+
+    `tensorboard` also writes TensorBoard event files into the run folder (the optional extra).
+    `resume` continues the run in that folder from its checkpoint.pt, with the run's own config.
+    """
+    try:
+        with contextlib.ExitStack() as stack:  # the run folder's lock and the signal handlers, released on any exit
+            return _run_training(config, out, tensorboard, resume, stack)
+    except Exception as error:
+        report_failure(env_info(), error)
+        raise
+
+
+def _run_training(config: TrainConfig, out: str | None, tensorboard: bool, resume: str | None,
+                  stack: contextlib.ExitStack) -> Path:
     started = time.perf_counter()
+    state = None
+    if resume is not None and env_info().enabled:
+        raise CifarlabError(f"--resume {resume}: resuming under torchrun is not supported yet; resume with one "
+                            f"process (the checkpoint holds the unwrapped model)")
+    if resume is not None:
+        run_dir = Path(resume).expanduser()
+        if run_dir.is_dir():
+            stack.enter_context(RunLock(run_dir))  # before reading: another process may be writing it
+        state = load_checkpoint(run_dir)
+        config = TrainConfig.from_dict(state["config"])
     config = config.validate()
-    device = pick_device(config.device)
+    dist_info, device = setup(pick_device(config.device))  # one process unless torchrun started this one
+    stack.callback(teardown)
+    if not dist_info.is_main:  # only rank 0 prints; errors still reach stderr
+        stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+    if dist_info.enabled and config.batch_size % dist_info.world:
+        raise CifarlabError(f"--batch-size {config.batch_size}: the global batch must divide evenly over "
+                            f"{dist_info.world} processes")
     amp_dtype = autocast_dtype(device, config.precision)
-    threads = set_cpu_threads() if device.type == "cpu" else None
+    threads = set_cpu_threads(dist_info.local_world) if device.type == "cpu" else None
     seed_everything(config.seed)
 
     notes: list[str] = []
     bundle = load_data(config.data, config.dataset, config.val_split, config.seed, config.image_size, notes)
     for note in notes:
         print(note)
-    run_dir = new_run_dir(out, config.recipe)  # only after the data loaded: a bad source leaves no folder
+    if tensorboard:
+        require_tensorboard()  # before the run folder exists: a missing package leaves nothing behind
+    if state is None:
+        run_dir = None
+        if dist_info.is_main:  # rank 0 names and creates the folder; the other ranks learn its name
+            run_dir = new_run_dir(out, config.recipe)  # only after the data loaded: a bad source leaves no folder
+            stack.enter_context(RunLock(run_dir))
+        run_dir = broadcast_path(run_dir)
     print(describe_data(bundle, config))
     print(f"device: {device_description(device)}, precision {amp_dtype or torch.float32}, run folder {run_dir}")
+    if dist_info.enabled:
+        print(f"distributed: {dist_info.world} processes ({torch.distributed.get_backend()}), "
+              f"{config.batch_size // dist_info.world} images per process per step")
 
     mean, std = channel_stats(bundle.train.images)
     model_args = {**config.model_args, "num_classes": len(bundle.classes)}
     if config.image_size != 32:
         model_args["image_size"] = config.image_size
-    model = create_model(config.model, **model_args).to(device, memory_format=torch.channels_last)
-    train_loader, eval_loader = make_loaders(bundle, config, device, mean, std)
+    model = create_model(config.model, **model_args).to(device, memory_format=memory_format(config))
+    data_dependent_init(model, bundle, device, mean, std)
+    train_model = wrap_distributed(model, config, dist_info, device)  # what trains; `model` is what is saved
+    train_loader, eval_loader = make_loaders(bundle, config, device, mean, std, dist_info)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, len(train_loader))
-    write_json(run_dir / "config.json", config.to_dict())
+    if dist_info.is_main:
+        write_json(run_dir / "config.json", config.to_dict())
+    first_epoch, resume_sums, done = 1, None, []
+    if state is not None:
+        remove_temporaries(run_dir)
+        first_epoch, resume_sums, done = restore(state, model, optimizer, scheduler, train_loader, device)
+        print(f"resuming {run_dir} at epoch {first_epoch}, batch {resume_sums.batches if resume_sums else 0}"
+              f"/{len(train_loader)}")
+
+    ema = WeightEMA(model, config.ema) if config.ema else None  # evaluated and saved in place of `model`
+    if ema is not None and state is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])  # the average so far, not a fresh copy of the restored weights
 
     split = bundle.eval_split
-    progress = EpochProgress(config.epochs, len(train_loader), split)
-    metrics = MetricsWriter(run_dir / "metrics.csv")
-    history = History()
+    main = dist_info.is_main  # the other ranks train and evaluate but write nothing
+    # other ranks: no live bar (their stdout, /dev/null by now, is no terminal)
+    progress = EpochProgress(config.epochs, len(train_loader), split, bar_stream=None if main else sys.stdout)
+    metrics = MetricsWriter(run_dir / "metrics.csv") if main else None
+    history = History(list(done))
+    for record in done:  # a resumed run rewrites the rows its checkpoint holds (a later row may be half-written)
+        metrics.write(record)
+    # the other ranks keep the default SIGTERM: torchrun's agent ends them with it when a rank fails
+    stop = stack.enter_context(StopSignals()) if main else StopSignals()
+    saver = Checkpointer(run_dir, config, model, optimizer, scheduler, train_loader, history, ema) if main else None
+    board = TensorBoardLog(run_dir) if tensorboard and main else None
+
+    def on_step(epoch: int, sums) -> None:
+        if ema is not None:
+            ema.update(model)
+        if saver is not None:
+            saver.on_step(epoch, sums, stop.requested)
+
+    final_eval: dict = {}  # the last epoch's EvalResult, for the evaluation views (no second pass)
     train_started = time.perf_counter()
     try:
-        progress.start_epoch(1)
-        for record in fit_epochs(model, optimizer, config.epochs, device, train_loader, eval_loader,
+        progress.start_epoch(first_epoch)
+        for record in fit_epochs(train_model, optimizer, config.epochs, device, train_loader, eval_loader,
                                  scheduler=scheduler, amp_dtype=amp_dtype, label_smoothing=config.label_smoothing,
-                                 on_batch=progress.on_batch):
+                                 clip_grad=config.clip_grad, eval_model=ema.module if ema is not None else model,
+                                 on_batch=progress.on_batch, on_eval=lambda result: final_eval.update(result=result),
+                                 first_epoch=first_epoch, resume_sums=resume_sums, on_step=on_step, tta=config.tta):
+            if dist_info.enabled:  # each rank's training means cover its own shard: report their mean
+                record.train_loss, record.train_acc = all_reduce_mean([record.train_loss, record.train_acc], device)
             progress.end_epoch(record)
             history.records.append(record)
+            if not main:
+                continue
             metrics.write(record)
+            if board is not None:
+                board.write(record)
+            saver.end_epoch(record, stop.requested)
             if record.epoch < config.epochs:
                 progress.start_epoch(record.epoch + 1)
+    except torch.cuda.OutOfMemoryError:
+        raise out_of_memory(device, config) from None
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        if board is not None:
+            board.close()
+    stop.restore()  # the run's files are written next: Ctrl-C interrupts them as usual
     train_seconds = time.perf_counter() - train_started
+    if not main:
+        return run_dir
 
     info = ModelInfo(config.model, model_args, bundle.classes, mean, std, config.image_size, config.to_dict())
-    save_model(run_dir / MODEL_FILE, model, info)
+    save_model(run_dir / MODEL_FILE, ema.module if ema is not None else model, info)
     save_curves(history, config.epochs, run_dir / "curves.png")
+    if final_eval:  # the views `eval --out` writes, from the predictions the last epoch already made
+        write_eval_views(run_dir / EVAL_DIR, final_eval["result"], bundle.split(split).images, bundle.classes,
+                         {"split": split, "data": bundle.source})
     last = history.records[-1]
     summary = {
         "recipe": config.recipe, "model": config.model, "eval_split": split,
@@ -108,10 +253,11 @@ def run_training(config: TrainConfig, out: str | None = None) -> Path:
         "eval_images": len(bundle.split(split)) if split else 0,
         "wall_seconds": round(time.perf_counter() - started, 3), "train_seconds": round(train_seconds, 3),
         "images_per_second": round(config.epochs * len(train_loader) * config.batch_size / train_seconds, 1),
-        "device": device_description(device), "threads": threads, "precision": str(amp_dtype or torch.float32),
+        "device": device_description(device), "threads": threads, "processes": dist_info.world, "precision": str(amp_dtype or torch.float32),
         "versions": versions(),
     }
     write_json(run_dir / "summary.json", summary)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # model.pt is the result; nothing is left to resume
     final = f"{split} accuracy {100 * last.val_acc:.2f}%" if last.val_acc is not None else "done"
     print(f"{final} after {config.epochs} epochs in {summary['wall_seconds']:.1f}s; wrote {run_dir}")
     return run_dir

@@ -6,6 +6,7 @@ sources as it needs (several layouts, archives of them, sources that differ by o
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import tarfile
 import zipfile
@@ -193,3 +194,44 @@ def cifar10_tar_gz(tmp_path: Path) -> tuple[Path, OfficialData]:
     data = write_cifar10(tmp_path / "cifar10-src")
     archive = write_archive(tmp_path / "cifar10-src", tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py/")
     return archive, data
+
+
+# --- the shared real images ------------------------------------------------------------------------
+
+SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+SHARED_PER_CLASS = 200  # 2,000 real images: enough for the predict and notebook tests, read in ~3 s
+
+
+def require_shared_archive() -> Path:
+    """The shared archive; in CI (the CI variable set) its absence fails the test, elsewhere it skips."""
+    if not SHARED_ARCHIVE.exists():
+        message = f"{SHARED_ARCHIVE}: the shared real images are missing"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return SHARED_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def shared_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 200 real JPEGs of each class from the shared archive, as `<class>/NNNN.jpg` under a folder.
+
+    Extracted once per session (one sequential pass over the archive), never into the repository.
+    """
+    archive = require_shared_archive()
+    root = tmp_path_factory.mktemp("shared-images")
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and int(parts[2].split(".")[0]) < SHARED_PER_CLASS:
+                (root / parts[1]).mkdir(exist_ok=True)
+                (root / parts[1] / parts[2]).write_bytes(tar.extractfile(member).read())
+    return root
+
+
+@pytest.fixture
+def shared_archive(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The whole shared archive, with a cache kept for the session: decoded once (~20 s), then reused."""
+    archive = require_shared_archive()
+    monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path_factory.getbasetemp() / "shared-archive-cache"))
+    return archive

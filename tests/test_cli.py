@@ -40,7 +40,7 @@ def test_train_writes_a_complete_run_folder_and_eval_agrees(image_root: Path, tm
     assert "evaluating on val: 12 images held out" in printed
     assert "epoch 1/2" in printed and "epoch 2/2" in printed  # one plain line per epoch when not a terminal
 
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.png", "metrics.csv", "model.pt",
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.png", "eval", "metrics.csv", "model.pt",
                                                      "summary.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 2 and config["batch_size"] == 16 and config["val_split"] == 12

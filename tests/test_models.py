@@ -1,8 +1,14 @@
-"""Every registered model: output shape, a backward pass, finite values; the registry's errors."""
+"""Every registered model: output shape, a backward pass, finite values, its size; the registry's errors."""
 import pytest
 import torch
 
 from cifarlab import CifarlabError, create_model, model_names
+from cifarlab.models.catalog import count_params, format_table, forward_flops
+
+# Parameter counts with 10 classes, to 2 significant figures: He et al. (2015) table 6 for the CIFAR
+# ResNets, Zagoruyko & Komodakis (2016) for the WRNs, the usual 11.2M for the 32x32 PreAct ResNet-18.
+PAPER_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet44": 0.66e6, "resnet56": 0.85e6, "resnet110": 1.7e6,
+                "preact_resnet18": 11e6, "wrn16_8": 11e6, "wrn28_10": 36e6}
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -10,13 +16,36 @@ from cifarlab import CifarlabError, create_model, model_names
 def test_forward_backward(name: str, num_classes: int) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_classes=num_classes)
-    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)  # 2: wrn28_10 stays quick
     out = model(x)
-    assert out.shape == (4, num_classes)
+    assert out.shape == (2, num_classes)
     assert torch.isfinite(out).all()
     out.logsumexp(dim=1).sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_parameter_count(name: str) -> None:
+    count = count_params(create_model(name))
+    assert count > 0
+    if name in PAPER_PARAMS:
+        assert float(f"{count:.2g}") == PAPER_PARAMS[name], f"{name}: {count} parameters"
+
+
+def test_flops_count_a_multiply_add_as_two() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 32 * 32, 10, bias=False))
+    assert forward_flops(model) == 2 * (32 * 32 * 8 * 27 + 8 * 32 * 32 * 10)
+
+
+def test_models_command_lists_every_model(capsys) -> None:
+    from cifarlab.cli import main
+
+    assert main(["models"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"\n{name} " in printed for name in model_names())
+    assert "resnet56            0.85M" in printed and "multiply-add counts as 2" in printed
 
 
 def test_notebook_cnn_shape_rules() -> None:

@@ -7,10 +7,12 @@ batch comes out channels_last, the layout the convolution kernels on CPU and GPU
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from cifarlab.data.augment import cutout, mix_batch, rand_augment
 from cifarlab.data.sources import ImageSet
 
 
@@ -18,6 +20,20 @@ from cifarlab.data.sources import ImageSet
 class Augment:
     translate: int = 2  # pixels: random shift in [-translate, translate] on each axis, edges reflected
     flip: bool = True  # random horizontal flip
+    # the extras (cifarlab.data.augment), each off at 0
+    randaugment: int = 0  # RandAugment ops per image, on the uint8 batch
+    randaugment_magnitude: int = 9  # 0..30
+    cutout: int = 0  # side of the square zeroed per image, pixels
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix
+
+    @property
+    def extras(self) -> bool:
+        return bool(self.randaugment or self.cutout or self.mixup > 0 or self.cutmix > 0)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -31,17 +47,33 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
-def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Random translate + flip of a uint8 NCHW batch as one gather; returns NHWC (channels_last order)."""
+def augment_draws(n: int, augment: Augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random numbers one batch of n images consumes: shifts [2, n, 1] and flip draws [n, 1].
+
+    Kept apart from the gather so a resumed epoch can replay the draws of the batches it skips
+    and leave the generator exactly where the interrupted run had it."""
+    shift = torch.randint(-augment.translate, augment.translate + 1, (2, n, 1), generator=generator,
+                          device=generator.device)
+    flip = torch.rand(n, 1, generator=generator, device=generator.device) if augment.flip else None
+    return shift, flip
+
+
+def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator,
+                  shard: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Random translate + flip of a uint8 NCHW batch as one gather; returns NHWC (channels_last order).
+
+    `shard` (rank, world, global batch size): `images` are this rank's part of a global batch; the draws
+    are made for the whole global batch and this rank's part kept, so they match a 1-process run."""
     n, _, h, w = images.shape
     device = images.device
-    shift = torch.randint(-augment.translate, augment.translate + 1, (2, n, 1), generator=generator,
-                          device=generator.device).to(device)
+    shift, flip = augment_draws(shard[2] if shard else n, augment, generator)
+    if shard is not None:
+        shift, flip = shift[:, shard[0]::shard[1]], (flip[shard[0]::shard[1]] if flip is not None else None)
+    shift = shift.to(device)
     rows = _reflect(torch.arange(h, device=device) + shift[0], h)  # [n, h]
     cols = torch.arange(w, device=device).expand(n, w)
-    if augment.flip:
-        flip = torch.rand(n, 1, generator=generator, device=generator.device).to(device) < 0.5
-        cols = torch.where(flip, w - 1 - cols, cols)
+    if flip is not None:
+        cols = torch.where(flip.to(device) < 0.5, w - 1 - cols, cols)
     cols = _reflect(cols + shift[1], w)  # [n, w]
     batch = torch.arange(n, device=device)[:, None, None]
     return images[batch, :, rows[:, :, None], cols[:, None, :]]  # [n, h, w, c]
@@ -52,21 +84,32 @@ class TensorLoader:
 
     Each epoch draws a new order from the loader's own generator, so runs with the same seed see the
     same batches, and `state()`/`set_state()` let a resumed run continue the same sequence.
+
+    Under torch.distributed (`rank`, `world` > 1) every rank draws the same order from the same seed
+    and takes every world-th image of each global batch of `batch_size`: shards are disjoint, their
+    union is the epoch, and each step sees the images a 1-process run would. Batches with mixup or
+    cutmix are 4-tuples (images, labels, partner labels, weight of labels).
     """
 
     def __init__(self, data: ImageSet, batch_size: int, device: torch.device, mean: list[float],
                  std: list[float], *, shuffle: bool = False, augment: Augment | None = None,
-                 drop_last: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+                 drop_last: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32, rank: int = 0,
+                 world: int = 1, shard_log: Path | None = None, channels_last: bool = True) -> None:
         self.dataset = data  # named as torch's DataLoader names it, so len(loader.dataset) works
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         # scale and shift fold the /255 and the normalisation into one multiply-add
         std_t = torch.tensor(std, device=device)
         self.scale = (1 / (255 * std_t)).view(1, 3, 1, 1)
         self.shift = (-torch.tensor(mean, device=device) / std_t).view(1, 3, 1, 1)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.epoch_state = self.generator.get_state()
+        self._skip = 0  # batches the next pass skips (resume_at)
+        self.rank, self.world = rank, world
+        self.shard_log = shard_log  # debugging/tests: append each pass's image indices, one line per pass
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -78,17 +121,62 @@ class TensorLoader:
     def set_state(self, state: torch.Tensor) -> None:
         self.generator.set_state(state)
 
+    def resume_at(self, epoch_state: torch.Tensor, batch: int) -> None:
+        """Make the next pass the epoch that began at `epoch_state`, continuing after `batch` batches.
+
+        The skipped batches still draw their augmentation randomness (without the gather), so the
+        batches that follow are exactly those the interrupted pass would have produced."""
+        self.set_state(epoch_state)
+        self._skip = batch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
+        self.epoch_state = self.generator.get_state()  # where this pass's draws begin: what a checkpoint keeps
+        skip, self._skip = self._skip, 0
+        seen: list[torch.Tensor] = []  # this rank's image indices, for shard_log
         order = torch.randperm(n, generator=self.generator).to(self.device) if self.shuffle else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
+            if skip > 0:
+                skip -= 1
+                if self.augment is not None:
+                    augment_draws(min(self.batch_size, n - start), self.augment, self.generator)
+                    if self.augment.extras:
+                        self._extras_generator()
+                continue
             index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            if self.world > 1:
+                index = torch.arange(n, device=self.device)[index] if isinstance(index, slice) else index
+                shard = (self.rank, self.world, len(index))
+                index = index[self.rank::self.world]
+            else:
+                shard = None
+            if self.shard_log is not None:
+                seen.append(torch.arange(n, device=self.device)[index])
             images, labels = self.images[index], self.labels[index]
             if self.augment is not None:
-                images = augment_batch(images, self.augment, self.generator).permute(0, 3, 1, 2)
+                images = augment_batch(images, self.augment, self.generator, shard).permute(0, 3, 1, 2)
             else:
-                images = images.contiguous(memory_format=torch.channels_last)
+                images = images.contiguous(memory_format=self.memory_format)
+            extras = self._extras_generator() if self.augment is not None and self.augment.extras else None
+            if extras is not None and self.augment.randaugment:
+                images = rand_augment(images, self.augment.randaugment, self.augment.randaugment_magnitude, extras)
             # in float32 (scale and shift are float32, so a bf16/fp16 product would be promoted back
             # anyway), then cast: the batch comes out in the dtype asked for
             images = images.to(torch.float32) * self.scale + self.shift
-            yield images.to(self.dtype).contiguous(memory_format=torch.channels_last), labels
+            if extras is not None and self.augment.cutout:
+                images = cutout(images, self.augment.cutout, extras)
+            if extras is not None and self.augment.mixes:
+                images, labels, partners, lam = mix_batch(images, labels, self.augment.mixup, self.augment.cutmix,
+                                                          extras)
+                yield images.to(self.dtype).contiguous(memory_format=self.memory_format), labels, partners, lam
+                continue
+            yield images.to(self.dtype).contiguous(memory_format=self.memory_format), labels
+        if self.shard_log is not None and seen:
+            with open(self.shard_log, "a") as log:
+                log.write(" ".join(map(str, torch.cat(seen).tolist())) + "\n")
+
+    def _extras_generator(self) -> torch.Generator:
+        """A generator for one batch's extra augmentations, seeded by one draw from the loader's own:
+        a resumed pass replays one draw per skipped batch instead of the extras' many."""
+        seed = int(torch.randint(2**62, (1,), generator=self.generator))
+        return torch.Generator().manual_seed(seed)

@@ -81,9 +81,13 @@ def safe_unpickle(data: bytes, where: str) -> dict:
 
 def _batch_tensors(batch: dict, label_key: str, num_classes: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     data, labels = batch.get("data"), batch.get(label_key)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise CifarlabError(f"{where}: 'data' is not an N x 3072 uint8 array")
-    labels = np.asarray(labels, dtype=np.int64) if labels is not None else None
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072
+            or data.shape[0] == 0):
+        raise CifarlabError(f"{where}: 'data' is not an N x 3072 uint8 array with N > 0")
+    try:  # a crafted batch may hold anything here: strings, nested lists, dicts
+        labels = np.asarray(labels, dtype=np.int64) if labels is not None else None
+    except (ValueError, TypeError, OverflowError):
+        labels = None
     if labels is None or labels.shape != (data.shape[0],) or labels.min() < 0 or labels.max() >= num_classes:
         raise CifarlabError(f"{where}: '{label_key}' missing, of the wrong length, or out of range")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
@@ -265,6 +269,8 @@ def _archive_tree(path: Path) -> tuple[FileTree, set[str]]:
                     elif member.isfile():
                         data = archive.extractfile(member).read()
                         tree[name] = (lambda data: lambda: data)(data)
+    except PermissionError:
+        raise  # not corruption: the CLI names the file and the reason
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as error:
         detail = " ".join(str(error).split()) or type(error).__name__  # tarfile's r:* error spans lines
         raise CifarlabError(f"{path}: corrupt or truncated archive ({detail})") from None

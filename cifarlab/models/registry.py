@@ -20,6 +20,13 @@ def model_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def model_description(name: str) -> str:
+    """The first line of the builder's docstring (what `cifarlab models` shows)."""
+    if name not in _BUILDERS:
+        raise unknown_name("model", name, model_names())
+    return (_BUILDERS[name].__doc__ or "").strip().split("\n")[0]
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model by name (10 classes unless num_classes says otherwise)."""
     if name not in _BUILDERS:

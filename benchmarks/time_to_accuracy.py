@@ -1,0 +1,121 @@
+"""Time-to-accuracy of a recipe against the notebook's `seed` recipe, measured in the same run.
+
+Each run is the whole `cifarlab train` command in a fresh process (start-up, data from a warm cache,
+training, final evaluation, writing the run folder), timed from outside. Prints one table:
+
+    python benchmarks/time_to_accuracy.py --recipe fast75 --runs 5 --baseline-runs 1
+
+Figures: median wall seconds, accuracy mean +- std over seeds, images/s, and the share of this
+machine's measured matmul peak that training reached (forward FLOPs x 3 for forward + backward).
+The headline is the ratio of the seed recipe's time to 75% (wall time up to the end of the first
+epoch at >= 75%, start-up included) to the recipe's median wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cifarlab.config import recipe
+from cifarlab.models.catalog import forward_flops
+from cifarlab.models import create_model
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n matmul in `dtype` on this machine (the denominator of 'fraction of peak')."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def run_once(recipe_name: str, seed: int, out_root: Path, extra: list[str]) -> dict:
+    out = out_root / f"{recipe_name}-seed{seed}"
+    command = [sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--recipe", recipe_name,
+               "--seed", str(seed), "--out", str(out), *extra]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    summary = json.loads((out / "summary.json").read_text())
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    # time to 75%: start-up (wall minus the epochs' own seconds) plus the epochs up to the first >= 75%
+    epoch_seconds = [float(r["seconds"]) for r in rows]
+    startup = wall - sum(epoch_seconds)
+    reached = next((i for i, r in enumerate(rows) if r["val_acc"] and float(r["val_acc"]) >= 0.75), None)
+    to_75 = startup + sum(epoch_seconds[:reached + 1]) if reached is not None else None
+    return {"wall": wall, "accuracy": summary["accuracy"], "images_per_second": summary["images_per_second"],
+            "to_75": to_75, "train_seconds": summary["train_seconds"], "epochs": summary["epochs"]}
+
+
+def describe(name: str, runs: list[dict], peak: float) -> dict:
+    config = recipe(name)
+    model = create_model(config.model, **config.model_args)
+    flops_per_image = 3 * forward_flops(model)  # forward + backward ~ 3 forward passes
+    accuracies = [r["accuracy"] for r in runs]
+    ips = statistics.median(r["images_per_second"] for r in runs)
+    to_75 = [r["to_75"] for r in runs if r["to_75"] is not None]
+    return {
+        "recipe": name, "runs": len(runs), "median_wall_s": statistics.median(r["wall"] for r in runs),
+        "acc_mean": statistics.mean(accuracies), "acc_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+        "images_per_s": ips, "peak_fraction": ips * flops_per_image / peak,
+        "median_to_75_s": statistics.median(to_75) if to_75 else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="fast75")
+    parser.add_argument("--runs", type=int, default=5, help="seeds 0..runs-1 of the recipe")
+    parser.add_argument("--baseline", default="seed", help="recipe to compare against ('' for none)")
+    parser.add_argument("--baseline-runs", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args, extra = parser.parse_known_args()
+    extra += ["--device", args.device]
+
+    dtype = torch.float32 if args.device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.bfloat16
+    peak = matmul_peak(dtype, args.device)
+    print(f"machine: {args.device}, {torch.get_num_threads()} threads; measured {dtype} matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s; torch {torch.__version__}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--recipe", args.recipe,
+                        "--epochs", "1", "--out", str(Path(tmp) / "warm"), *extra], check=True,
+                       stdout=subprocess.DEVNULL)  # warms the data cache, not timed
+        for name, n in [(args.recipe, args.runs)] + ([(args.baseline, args.baseline_runs)] if args.baseline else []):
+            runs = [run_once(name, seed, Path(tmp), extra) for seed in range(n)]
+            for seed, r in enumerate(runs):
+                print(f"  {name} seed {seed}: {r['wall']:.1f}s, accuracy {100 * r['accuracy']:.2f}%", flush=True)
+            rows.append(describe(name, runs, peak))
+
+    print(f"\n| recipe | runs | accuracy (val, 5000 held out) | median wall s | to 75% s | images/s | of peak |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        to_75 = f"{r['median_to_75_s']:.1f}" if r["median_to_75_s"] is not None else "not reached"
+        print(f"| {r['recipe']} | {r['runs']} | {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f}% | "
+              f"{r['median_wall_s']:.1f} | {to_75} | {r['images_per_s']:.0f} | {100 * r['peak_fraction']:.1f}% |")
+    if len(rows) == 2 and rows[0]["median_to_75_s"] and rows[1]["median_to_75_s"]:
+        print(f"\ntime to 75%: {args.baseline} / {args.recipe} = "
+              f"{rows[1]['median_to_75_s'] / rows[0]['median_to_75_s']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

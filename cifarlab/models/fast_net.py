@@ -1,0 +1,83 @@
+"""The speedrun network, after airbench (Keller Jordan, 2024): a frozen whitening stem and three
+conv blocks with BatchNorm and GELU. Written here from the published design, not copied.
+
+- The stem is a 2x2 convolution whose filters are the training patches' PCA basis scaled to unit
+  variance, and their negatives (so GELU keeps both signs). It is set from data by
+  `init_from_data` and not trained: decorrelated inputs make the first steps count.
+- BatchNorm scales are frozen at 1 (only the shifts learn), and each conv starts as a partial identity
+  (Dirac), which acts like a residual connection without the extra memory traffic.
+- The logits are scaled down (1/9) before the softmax, which with label smoothing keeps the early
+  high learning rates stable.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cifarlab.models.registry import register_model
+
+
+def _conv(cin: int, cout: int, kernel_size: int = 3, padding: int | str = "same", bias: bool = False) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, kernel_size=kernel_size, padding=padding, bias=bias)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:min(cin, cout)])
+    return conv
+
+
+def _norm(channels: int) -> nn.BatchNorm2d:
+    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    norm.weight.requires_grad_(False)  # scale frozen at 1
+    return norm
+
+
+class ConvBlock(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (pooling early halves the second conv's cost)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1, self.pool, self.norm1 = _conv(cin, cout), nn.MaxPool2d(2), _norm(cout)
+        self.conv2, self.norm2 = _conv(cout, cout), _norm(cout)
+        self.activation = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activation(self.norm1(self.pool(self.conv1(x))))
+        return self.activation(self.norm2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    def __init__(self, widths: Sequence[int] = (64, 256, 256), num_classes: int = 10, whiten_kernel: int = 2,
+                 logit_scale: float = 1 / 9) -> None:
+        super().__init__()
+        whiten_width = 2 * 3 * whiten_kernel ** 2
+        self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        blocks, cin = [], whiten_width
+        for width in widths:
+            blocks.append(ConvBlock(cin, width))
+            cin = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, num_classes, bias=False)
+        self.logit_scale = logit_scale
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the stem to whiten `images` (normalised float, N x 3 x H x W; a few thousand suffice)."""
+        k = self.whiten.kernel_size[0]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, k, k)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(nn.functional.gelu(self.whiten(x)))
+        x = torch.amax(x, dim=(2, 3))  # global max-pool
+        return self.head(x) * self.logit_scale
+
+
+@register_model
+def fast_net(**kwargs) -> nn.Module:
+    """airbench94's network (widths 64/256/256): 94% on CIFAR-10 in about 10 epochs."""
+    return FastNet(**kwargs)

@@ -1,0 +1,167 @@
+"""One self-contained report.html per run (`cifarlab report RUN_DIR`).
+
+Every picture is embedded as a base64 PNG and the styles and the one small script are inline, so the
+file can be mailed, archived or opened offline and shows the same thing. A Content-Security-Policy
+forbids loading anything from anywhere else: if a future change slipped in an external URL, the
+browser would refuse it rather than quietly phone home.
+
+The script sets document.title to `loaded:N/M` once the page has loaded (N images decoded of M);
+the browser test reads it to check every image rendered.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+from cifarlab.errors import CifarlabError
+from cifarlab.views import EVAL_DIR, EVAL_JSON, draw_generalisation_gap
+
+REPORT_FILE = "report.html"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+td, th { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
+.headline { font-size: 1.25em; margin: 0.3em 0 1em; } .muted { color: #666; }
+.row { display: flex; gap: 1.5em; flex-wrap: wrap; align-items: flex-start; }
+"""
+SCRIPT = """
+window.addEventListener("load", function () {
+  var images = Array.from(document.images);
+  var ok = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.title = "loaded:" + ok + "/" + images.length;
+});
+"""
+
+
+def _png_tag(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _table(rows: list[list], header: list[str] | None = None) -> str:
+    def cell(value, tag: str = "td") -> str:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return f'<{tag}{" class=num" if numeric else ""}>{html.escape(str(value))}</{tag}>'
+    head = "<tr>" + "".join(cell(h, "th") for h in header) + "</tr>" if header else ""
+    return "<table>" + head + "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows) + "</table>"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# --- sections: each takes the run folder's contents and returns HTML --------------------------------
+
+def _summary_section(run: dict) -> str:
+    s, config = run["summary"], run["config"]
+    headline = (f'<p class=headline>{html.escape(str(s.get("eval_split") or "no"))} accuracy '
+                f'<b>{_pct(s.get("accuracy"))}</b> after {s.get("epochs", "?")} epochs</p>') if s else ""
+    rows = [[label, s[key]] for label, key in (
+        ("recipe", "recipe"), ("model", "model"), ("evaluated on", "eval_split"), ("training images", "train_images"),
+        ("evaluation images", "eval_images"), ("wall time (s)", "wall_seconds"), ("training time (s)", "train_seconds"),
+        ("throughput (images/s)", "images_per_second"), ("device", "device"), ("threads", "threads"),
+        ("precision", "precision")) if key in s]
+    rows += [[f"{name} version", version] for name, version in s.get("versions", {}).items()]
+    config_rows = [[key, json.dumps(value) if isinstance(value, (dict, list)) else value]
+                   for key, value in config.items()]
+    return (f"<h2>Run</h2>{headline}<div class=row><div><h3>Timing and throughput</h3>{_table(rows)}</div>"
+            f"<div><h3>Config</h3>{_table(config_rows)}</div></div>")
+
+
+def _curves_section(run: dict) -> str:
+    curves = run["dir"] / "curves.png"
+    if not curves.exists():
+        return "<h2>Learning curves</h2><p class=muted>no curves.png in this run folder</p>"
+    return f"<h2>Learning curves</h2>{_png_tag(curves.read_bytes(), 'learning curves')}"
+
+
+def _gap_section(run: dict) -> str:
+    rows = [r for r in run["metrics"] if r.get("val_acc") not in (None, "")]
+    if not rows:
+        return "<h2>Generalisation gap</h2><p class=muted>no validation accuracy was recorded</p>"
+    epochs = [int(r["epoch"]) for r in rows]
+    train, val = [float(r["train_acc"]) for r in rows], [float(r["val_acc"]) for r in rows]
+    figure = draw_generalisation_gap(epochs, train, val)
+    table = _table([[e, _pct(t), _pct(v), f"{100 * (t - v):+.2f}"] for e, t, v in zip(epochs, train, val)],
+                   ["epoch", "train accuracy", "validation accuracy", "gap (points)"])
+    note = ("<p>Train accuracy is measured on augmented images while the weights still change during the "
+            "epoch; validation accuracy on plain held-out images at the epoch's end. A gap that keeps widening "
+            "while validation accuracy stalls is overfitting.</p>")
+    return f"<h2>Generalisation gap</h2>{_png_tag(_figure_png(figure), 'generalisation gap')}{note}{table}"
+
+
+def _eval_section(run: dict) -> str:
+    ev, folder = run["eval"], run["dir"] / EVAL_DIR
+    if not ev:
+        return (f"<h2>Evaluation</h2><p class=muted>no {EVAL_DIR}/{EVAL_JSON} in this run folder "
+                f"(run <code>cifarlab eval RUN_DIR --out RUN_DIR/{EVAL_DIR}</code>)</p>")
+    lines = [f"{html.escape(str(ev.get('split')))}: accuracy <b>{_pct(ev['accuracy'])}</b> "
+             f"({ev['correct']}/{ev['n']}), loss {ev.get('loss', float('nan')):.4f}, "
+             f"expected calibration error <b>{_pct(ev['ece'])}</b> (15 equal-width confidence bins)"]
+    if ev.get("tta"):
+        t = ev["tta"]
+        lines.append(f"test-time augmentation ({t['views']} views): {_pct(t['accuracy'])}, "
+                     f"gain {100 * t['gain']:+.2f} points (views below show the TTA predictions)")
+    per_class = _table([[name, _pct(v["accuracy"]), _pct(v["precision"]), _pct(v["recall"]), v["support"]]
+                        for name, v in ev["per_class"].items()],
+                       ["class", "accuracy", "precision", "recall", "images"])
+    pictures = {name: folder / name for name in ("confusion_matrix.png", "reliability.png", "worst_mistakes.png")}
+    tag = lambda name, alt: _png_tag(pictures[name].read_bytes(), alt) if pictures[name].exists() else ""  # noqa: E731
+    return (f"<h2>Evaluation</h2><p class=headline>{'<br>'.join(lines)}</p>"
+            f"<div class=row><div><h3>Per class</h3>{per_class}</div>"
+            f"<div><h3>Confusion matrix</h3>{tag('confusion_matrix.png', 'confusion matrix')}</div></div>"
+            f"<div class=row><div><h3>Calibration</h3>{tag('reliability.png', 'reliability diagram')}</div>"
+            f"<div><h3>Most confident mistakes</h3>{tag('worst_mistakes.png', 'worst mistakes')}</div></div>")
+
+
+SECTIONS = [_summary_section, _curves_section, _gap_section, _eval_section]
+
+
+def load_run(run_dir: Path) -> dict:
+    if not run_dir.is_dir() or not (run_dir / "config.json").exists():
+        raise CifarlabError(f"{run_dir}: not a run folder (no config.json)")
+    metrics_path = run_dir / "metrics.csv"
+    metrics = list(csv.DictReader(metrics_path.open())) if metrics_path.exists() else []
+    return {"dir": run_dir, "config": _read_json(run_dir / "config.json"),
+            "summary": _read_json(run_dir / "summary.json"), "metrics": metrics,
+            "eval": _read_json(run_dir / EVAL_DIR / EVAL_JSON)}
+
+
+def render_report(run_dir: Path) -> str:
+    run = load_run(run_dir)
+    title = html.escape(run_dir.resolve().name)
+    body = "".join(section(run) for section in SECTIONS)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>cifarlab report: {title}</title><style>{STYLE}</style></head>"
+            f"<body><h1>cifarlab run <code>{title}</code></h1>{body}<script>{SCRIPT}</script></body></html>\n")
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write report.html (into the run folder unless `out` says where) and return its path."""
+    path = Path(out) if out is not None else run_dir / REPORT_FILE
+    text = render_report(run_dir)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

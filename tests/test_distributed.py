@@ -1,0 +1,136 @@
+"""Training across processes: the loader's shards, and `torchrun --nproc_per_node=2` on CPU (gloo).
+
+The torchrun tests start real processes (`python -m torch.distributed.run`, so no PATH lookup) on a
+tiny learnable problem: each class is a colour, so a few epochs reach the same accuracy on 1 and 2
+processes (the same global batch sees the same images per step; the notebook CNN has no BatchNorm,
+so the averaged gradients equal the 1-process ones up to rounding).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarlab.cli import main
+from cifarlab.data import Augment, TensorLoader
+from cifarlab.data.sources import ImageSet
+
+RUN_FILES = ["config.json", "curves.png", "eval", "metrics.csv", "model.pt", "summary.json"]
+COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+
+
+@pytest.fixture
+def colour_root(tmp_path: Path) -> Path:
+    """Three classes, 24 noisy images each, told apart by their colour."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "colours"
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(24):
+            array = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(array).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def test_rank_shards_are_disjoint_and_together_are_the_one_process_batch() -> None:
+    n = 40
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8)
+    data = ImageSet(images, torch.arange(n), [str(i) for i in range(n)])
+    mean, std = [0.5] * 3, [0.25] * 3
+    loader = lambda rank, world: TensorLoader(data, 8, torch.device("cpu"), mean, std, shuffle=True,  # noqa: E731
+                                              augment=Augment(translate=2), drop_last=True, seed=5, rank=rank,
+                                              world=world)
+    single, rank0, rank1 = (list(loader(r, w)) for r, w in ((0, 1), (0, 2), (1, 2)))
+    assert len(single) == len(rank0) == len(rank1) == 5
+    for (x, y), (x0, y0), (x1, y1) in zip(single, rank0, rank1):
+        assert len(y0) == len(y1) == 4 and not set(y0.tolist()) & set(y1.tolist())
+        assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)  # the same augmentation draws too
+
+
+def torchrun(*args: str, cwd: Path, env: dict | None = None, script: list[str] | None = None,
+             timeout: int = 240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *(script or ["-m", "cifarlab"]), *args]
+    # its own session, so a hung run is killed whole (torchrun's workers too), never left behind
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                               start_new_session=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+TINY = ["--model", "cifar10_cnn", "--epochs", "4", "--batch-size", "16", "--val-split", "18", "--seed", "1",
+        "--device", "cpu", "--lr", "0.003"]
+
+
+def test_two_processes_write_one_complete_run_folder_and_match_one_process(colour_root: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    shard_log = tmp_path / "shards"
+    result = torchrun("train", "--data", str(colour_root), *TINY, cwd=work,
+                      env={"CIFARLAB_DEBUG_SHARD_LOG": str(shard_log)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((work / "runs").iterdir())
+    assert len(runs) == 1  # rank 0 named the folder, the other rank used it
+    run = runs[0]
+    assert sorted(p.name for p in run.iterdir()) == RUN_FILES
+    assert result.stdout.count("epoch 4/4") == 1  # printed once, by rank 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["train_images"] == 54
+
+    epochs0 = [list(map(int, line.split())) for line in Path(f"{shard_log}.rank0").read_text().splitlines()]
+    epochs1 = [list(map(int, line.split())) for line in Path(f"{shard_log}.rank1").read_text().splitlines()]
+    assert len(epochs0) == len(epochs1) == 4
+    for seen0, seen1 in zip(epochs0, epochs1):
+        assert len(seen0) == len(seen1) == 24  # 3 steps of 8 per rank (54 images, global batch 16, drop_last)
+        assert not set(seen0) & set(seen1)
+
+    one = tmp_path / "one"
+    assert main(["train", "--data", str(colour_root), *TINY, "--out", str(one)]) == 0
+    capsys.readouterr()
+    single = json.loads((one / "summary.json").read_text())
+    assert single["accuracy"] > 0.9  # learnable: the comparison below means something
+    assert abs(summary["accuracy"] - single["accuracy"]) <= 1 / 18 + 1e-9  # within one of the 18 images
+
+    assert main(["eval", str(run), "--json"]) == 0  # the saved model is the unwrapped one: it loads as usual
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["accuracy"])
+
+
+FAILING = """
+import os, sys
+from cifarlab import cli, trainer
+if os.environ["RANK"] == "1":
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure on rank 1")
+        yield
+    trainer.fit_epochs = fail
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_failure_on_one_rank_ends_every_rank_with_a_clear_message(colour_root: Path, tmp_path: Path) -> None:
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    started = time.monotonic()
+    result = torchrun("train", "--data", str(colour_root), *TINY, "--out", str(tmp_path / "run"), cwd=tmp_path,
+                      script=[str(script)], timeout=200)
+    assert result.returncode != 0
+    assert "rank 1 of 2 failed: RuntimeError: injected failure on rank 1" in result.stderr
+    assert time.monotonic() - started < 150  # torchrun stopped rank 0, which was waiting on rank 1: no hang
+    assert not (tmp_path / "run" / "model.pt").exists()

@@ -1,0 +1,56 @@
+"""The learning-rate range test: the suggestion rule on a known curve, and the command end to end."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifarlab.cli import main
+from cifarlab.config import TrainConfig
+from cifarlab.lr_find import lr_range_test, smooth, suggest
+
+
+def test_suggestion_is_the_steepest_descent_of_the_loss() -> None:
+    lrs = list(np.logspace(-6, 1, 100))
+    # flat at 2.3, falls fastest around lr 1e-3 (a logistic in log10 lr), then blows up past 1
+    losses = [2.3 - 1.5 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + (0 if lr < 1 else 5 * (lr - 1)) for lr in lrs]
+    suggestion = suggest(lrs, losses)
+    assert 10 ** -3.3 < suggestion < 10 ** -2.7
+
+
+def test_no_suggestion_when_the_loss_never_falls() -> None:
+    lrs = list(np.logspace(-6, 1, 50))
+    assert suggest(lrs, [1.0 + i for i in range(50)]) is None
+
+
+def test_smoothing_is_bias_corrected() -> None:
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards the initial 0
+
+
+def test_the_sweep_grows_exponentially_and_stops_on_divergence(tmp_path: Path, image_folder_writer) -> None:
+    image_folder_writer(tmp_path / "images", {name: 8 for name in ("cat", "dog")})
+    config = TrainConfig(data=str(tmp_path / "images"), model_args={"channels": [4, 4, 8, 8], "hidden": 16},
+                         batch_size=4, val_split=0, translate=0, flip=False)
+    result = lr_range_test(config, steps=60, start_lr=1e-4, end_lr=1e6)  # Adam at lr 1e6 must blow up
+    ratios = np.diff(np.log(result.lrs))
+    assert np.allclose(ratios, math.log(1e10) / 59)  # one constant factor per step
+    assert result.stopped_early and len(result.lrs) < 60
+    assert not math.isfinite(result.losses[-1]) or result.smoothed[-1] > 4 * min(result.smoothed)
+
+
+def test_lr_find_command_writes_the_plot_and_suggests(tmp_path: Path, image_folder_writer, capsys) -> None:
+    image_folder_writer(tmp_path / "images", {name: 8 for name in ("cat", "dog", "frog")})
+    out = tmp_path / "lr.png"
+    assert main(["lr-find", "--data", str(tmp_path / "images"), "--batch-size", "8", "--val-split", "0",
+                 "--steps", "10", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "steps" in printed and ("suggested lr" in printed or "no suggestion" in printed)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_find_rejects_a_backwards_range(tmp_path: Path, image_folder_writer, capsys) -> None:
+    image_folder_writer(tmp_path / "images", {"cat": 3, "dog": 3})
+    assert main(["lr-find", "--data", str(tmp_path / "images"), "--start-lr", "1", "--end-lr", "0.1"]) == 2
+    assert "need 0 < start < end" in capsys.readouterr().err

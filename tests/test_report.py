@@ -1,0 +1,126 @@
+"""Evaluation views, TensorBoard events and report.html, down to a real headless Chromium rendering it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cifarlab.cli import main
+from conftest import write_image_folders
+
+CLASSES = ["cat", "dog", "frog"]
+VIEWS = ["confusion_matrix.png", "eval.json", "reliability.png", "worst_mistakes.png"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny 2-epoch run (with --tensorboard) that the tests of this module look at."""
+    root = tmp_path_factory.mktemp("report")
+    write_image_folders(root / "images", {name: 20 for name in CLASSES})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CIFARLAB_CACHE", str(root / "cache"))
+        assert main(["train", "--data", str(root / "images"), "--epochs", "2", "--batch-size", "16",
+                     "--val-split", "12", "--seed", "1", "--tensorboard", "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+def test_train_ends_by_writing_the_evaluation_views(run_dir: Path) -> None:
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == VIEWS
+    for name in VIEWS[:1] + VIEWS[2:]:
+        assert (run_dir / "eval" / name).read_bytes()[:8] == PNG
+    views = json.loads((run_dir / "eval" / "eval.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert views["split"] == "val" and views["n"] == 12
+    assert views["accuracy"] == pytest.approx(summary["accuracy"])  # the last epoch's own predictions
+    assert list(views["per_class"]) == CLASSES and len(views["confusion_matrix"]) == 3
+    assert 0 <= views["ece"] <= 1 and sum(views["calibration_bins"]["count"]) == 12
+
+
+def test_eval_out_writes_the_same_views_and_reports_the_tta_gain(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "views"
+    assert main(["eval", str(run_dir), "--tta", "2", "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == VIEWS
+    tta = result["tta"]
+    assert tta["views"] == 6 and tta["gain"] == pytest.approx(tta["accuracy"] - result["accuracy"])
+    assert set(result["per_class"]["cat"]) == {"precision", "recall"} and 0 <= result["ece"] <= 1
+    written = json.loads((out / "eval.json").read_text())
+    assert written["tta"] == tta and written["accuracy"] == pytest.approx(tta["accuracy"])  # views of the TTA output
+
+    assert main(["eval", str(run_dir), "--tta", "1"]) == 0
+    assert "with test-time augmentation (2 views)" in capsys.readouterr().out
+
+
+def test_tensorboard_events_sit_beside_metrics_csv(run_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("accuracy/val")] == [1, 2]
+    assert {"loss/train", "loss/val", "accuracy/train", "lr"} <= set(accumulator.Tags()["scalars"])
+
+
+def test_tensorboard_missing_is_one_line_and_leaves_no_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    write_image_folders(tmp_path / "images", {name: 4 for name in CLASSES})
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now raises ImportError
+    assert main(["train", "--data", str(tmp_path / "images"), "--epochs", "1", "--val-split", "3", "--tensorboard",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "pip install" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_report_is_one_self_contained_file(run_dir: Path, capsys) -> None:
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert "://" not in page  # no URL of any kind (':' is not a base64 character, so images cannot hide one)
+    assert not re.search(r"""\b(src|href)\s*=\s*(?!["']?data:)""", page)  # every src is an embedded data: URI
+    assert "url(" not in page and "@import" not in page
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    for text in ("Timing and throughput", "Config", "Learning curves", "Generalisation gap", "Confusion matrix",
+                 "Calibration", "Most confident mistakes", "throughput", "expected calibration error"):
+        assert text in page
+    assert page.count("<img ") == 5  # curves, gap, confusion matrix, reliability, worst mistakes
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("CI"):  # .ci/run installs it: missing in CI is a failure, not a skip
+        pytest.fail("chromium is not installed (apt-get install chromium)")
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0"]
+    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    chromium = _chromium()
+    assert main(["report", str(run_dir)]) == 0
+    url = (run_dir / "report.html").resolve().as_uri()
+
+    # the page's script titles it loaded:N/M once loaded: N images decoded with a real size, of M
+    dom = _headless(chromium, tmp_path / "profile-dom", "--dump-dom", url)
+    title = re.search(r"<title>(.*?)</title>", dom.stdout)
+    assert title and title.group(1) == "loaded:5/5", (title, dom.stderr[-2000:])
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]  # errors, CSP refusals, logs
+    assert console == []
+
+    shot = tmp_path / "report.png"
+    result = _headless(chromium, tmp_path / "profile-shot", "--hide-scrollbars", "--window-size=1280,4200",
+                       f"--screenshot={shot}", url)
+    assert shot.exists() and shot.read_bytes()[:8] == PNG, result.stderr[-2000:]
+    assert shot.stat().st_size > 50_000  # a rendered page of figures, not a blank one
+    assert [line for line in result.stderr.splitlines() if ":CONSOLE" in line] == []
