@@ -105,12 +105,12 @@ RECIPES: dict[str, TrainConfig] = {
         label_smoothing=0.2, schedule="onecycle", warmup_epochs=2.3, tta=2,
     ),
     # fast94's method shrunk to the least compute that still clears 75% on 2 CPU cores: a quarter-width
-    # net, 3 epochs, smaller batches (more steps per epoch), and NCHW, which beat channels_last for
+    # net, 2 epochs, smaller batches (more steps per epoch), and NCHW, which beat channels_last for
     # these narrow convolutions on AVX2 CPUs (docs/profile.md).
     "fast75": TrainConfig(
-        recipe="fast75", model="fast_net", model_args={"widths": [32, 64, 128]}, epochs=3, batch_size=256,
+        recipe="fast75", model="fast_net", model_args={"widths": [32, 64, 128]}, epochs=2, batch_size=256,
         optimizer="sgd", lr=0.001465 * 256, momentum=0.85, weight_decay=0.0153 / 11.5, bias_lr_scale=64,
-        label_smoothing=0.2, schedule="onecycle", warmup_epochs=0.7, tta=2, channels_last=False,
+        label_smoothing=0.2, schedule="onecycle", warmup_epochs=0.46, tta=2, channels_last=False,
     ),
     # He et al. (2015) section 4.2 on a cosine schedule: SGD (Nesterov) 0.1, momentum 0.9, weight decay
     # 1e-4 on weights only, batch 128, 4-px translations and flips; the paper reports 93.0% on the test set.

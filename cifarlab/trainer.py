@@ -21,7 +21,7 @@ from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
 from cifarlab.distributed import (DistInfo, all_reduce_mean, broadcast_path, env_info, report_failure, setup,
                                   shard_log_path, teardown)
 from cifarlab.ema import WeightEMA
-from cifarlab.engine import History, fit_epochs
+from cifarlab.engine import History, evaluate, fit_epochs
 from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
 from cifarlab.optim import build_optimizer, build_scheduler
@@ -209,7 +209,8 @@ def _run_training(config: TrainConfig, out: str | None, tensorboard: bool, resum
     final_eval: dict = {}  # the last epoch's EvalResult, for the evaluation views (no second pass)
     train_started = time.perf_counter()
     try:
-        progress.start_epoch(first_epoch)
+        if first_epoch <= config.epochs:  # a run resumed after its last epoch only writes its files
+            progress.start_epoch(first_epoch)
         for record in fit_epochs(train_model, optimizer, config.epochs, device, train_loader, eval_loader,
                                  scheduler=scheduler, amp_dtype=amp_dtype, label_smoothing=config.label_smoothing,
                                  clip_grad=config.clip_grad, eval_model=ema.module if ema is not None else model,
@@ -242,6 +243,9 @@ def _run_training(config: TrainConfig, out: str | None, tensorboard: bool, resum
     info = ModelInfo(config.model, model_args, bundle.classes, mean, std, config.image_size, config.to_dict())
     save_model(run_dir / MODEL_FILE, ema.module if ema is not None else model, info)
     save_curves(history, config.epochs, run_dir / "curves.png")
+    if not final_eval and eval_loader is not None:  # resumed after its last epoch: the same predictions again
+        final_eval["result"] = evaluate(ema.module if ema is not None else model, eval_loader, device, amp_dtype,
+                                        config.tta)
     if final_eval:  # the views `eval --out` writes, from the predictions the last epoch already made
         write_eval_views(run_dir / EVAL_DIR, final_eval["result"], bundle.split(split).images, bundle.classes,
                          {"split": split, "data": bundle.source})

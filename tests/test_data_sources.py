@@ -486,7 +486,15 @@ def test_changed_archive_is_read_again(tmp_path, image_folder_writer, archive_wr
     assert len(load_splits(archive).train) == 5 and reader.calls == 2
 
 
-@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "wrong_content"])
+def _flip_a_pixel(entry: bytes, images: torch.Tensor) -> bytes:
+    at = entry.find(images.numpy().tobytes()[:64])
+    assert at >= 0
+    damaged = bytearray(entry)
+    damaged[at + 10] ^= 0xFF
+    return bytes(damaged)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "truncated", "wrong_content", "flipped_pixel"])
 def test_damaged_cache_entry_is_rebuilt(tmp_path, image_folder_writer, cache_dir, monkeypatch, damage) -> None:
     image_folder_writer(tmp_path / "root", TRAIN_TEST)
     first = load_splits(tmp_path / "root")
@@ -497,6 +505,7 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, image_folder_writer, cache_dir
         "empty": b"",
         "truncated": data[: len(data) // 2],
         "wrong_content": None,
+        "flipped_pixel": _flip_a_pixel(data, first.train.images),  # a readable file: only the CRC tells
     }[damage]
     if damaged is None:  # a readable file that is not a consistent entry
         torch.save({"format": 1, "classes": ["a"], "train_images": torch.zeros(3, 3, 32, 32),
@@ -558,7 +567,7 @@ def test_stratified_split_is_proportional() -> None:
     assert torch.bincount(labels[train]).tolist() == [270, 180, 90]
 
 
-@pytest.mark.parametrize("counts,n_val", [([7, 5, 3], 4), ([7, 5, 3], 1), ([1, 1, 13], 5), ([10, 10, 10], 29),
+@pytest.mark.parametrize("counts,n_val", [([7, 5, 3], 4), ([7, 5, 3], 1), ([1, 1, 13], 5), ([10, 10, 10], 27),
                                           ([33, 17, 50, 1], 37), ([5, 5], 0)])
 def test_stratified_split_exact_disjoint_complete(counts, n_val) -> None:
     labels = _labels(counts)
@@ -571,6 +580,14 @@ def test_stratified_split_exact_disjoint_complete(counts, n_val) -> None:
     per_class = torch.bincount(labels[val], minlength=len(counts)).tolist()
     for count, taken in zip(counts, per_class):
         assert abs(taken - count * n_val / len(labels)) < 1
+
+
+def test_stratified_split_keeps_a_training_image_of_every_class() -> None:
+    labels = _labels([1, 9])
+    train, _ = stratified_split(labels, 8, seed=0)
+    assert sorted(set(labels[train].tolist())) == [0, 1]
+    with pytest.raises(ValueError, match="every class keeps a training image"):
+        stratified_split(_labels([10, 10, 10]), 28, seed=0)
 
 
 def test_stratified_split_is_seeded() -> None:

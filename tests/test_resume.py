@@ -172,6 +172,36 @@ def test_ctrl_c_saves_says_how_to_resume_and_resumes_exactly(images: Path, tmp_p
     assert_same_run(tmp_path / "full", out)
 
 
+def test_stop_after_the_last_epoch_then_resume_writes_the_same_files(images: Path, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:
+    """Stopped between the last epoch's checkpoint and model.pt: the resume trains nothing, and writes
+    model.pt, metrics and the evaluation views from the same predictions."""
+    import cifarlab.engine as engine_module
+    import cifarlab.trainer as trainer_module
+
+    views = []
+    monkeypatch.setattr(trainer_module, "write_eval_views",
+                        lambda folder, result, *args, **kwargs: views.append(result.predictions.tolist()))
+    assert main(train_args(images, tmp_path / "full")) == 0
+    real_evaluate = engine_module.evaluate
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the last epoch's evaluation
+            signal.raise_signal(signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "evaluate", interrupting)
+    out = tmp_path / "stopped"
+    assert main(train_args(images, out)) == INTERRUPTED_STATUS
+    assert "stopped by SIGINT after epoch 2" in capsys.readouterr().err
+    monkeypatch.setattr(engine_module, "evaluate", real_evaluate)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert_same_run(tmp_path / "full", out)
+    assert len(views) == 2 and views[0] == views[1]
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_with_status_3(images: Path, tmp_path: Path, capsys) -> None:
     """Also: while it runs, the run folder is locked against a second writer (a resume)."""
     out = tmp_path / "run"

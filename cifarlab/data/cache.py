@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cifarlab.data.download import cache_root
 from cifarlab.data.sources import ImageSet, Splits, read_source
 
-CACHE_FORMAT = 1  # bump when the reading or the stored layout changes
+CACHE_FORMAT = 2  # bump when the reading or the stored layout changes (2: CRC-32 of every tensor)
 
 
 def source_key(path: Path, image_size: int) -> str:
@@ -31,15 +33,27 @@ def source_key(path: Path, image_size: int) -> str:
     return digest.hexdigest()[:24]
 
 
+def _crc32(tensor: torch.Tensor) -> int:
+    """torch.load checks no checksum, so a flipped bit in a cached image would be trusted; this catches it.
+    CRC-32 runs at memory speed (the 150 MB CIFAR-10 train tensor in well under a second)."""
+    return zlib.crc32(tensor.contiguous().numpy().view(np.uint8).reshape(-1).data)
+
+
 def _to_dict(splits: Splits) -> dict:
     out = {"format": CACHE_FORMAT, "classes": splits.train.classes,
            "train_images": splits.train.images, "train_labels": splits.train.labels}
     if splits.test is not None:
         out.update(test_images=splits.test.images, test_labels=splits.test.labels)
+    out["crc32"] = {name: _crc32(value) for name, value in out.items() if isinstance(value, torch.Tensor)}
     return out
 
 
 def _from_dict(data: dict) -> Splits:
+    if data.get("format") != CACHE_FORMAT:
+        raise ValueError("cache entry of another format")
+    for name, crc in data["crc32"].items():
+        if _crc32(data[name]) != crc:
+            raise ValueError(f"cache entry corrupt: CRC-32 of {name} does not match")
     classes = list(data["classes"])
     test = ImageSet(data["test_images"], data["test_labels"], classes) if "test_images" in data else None
     train = ImageSet(data["train_images"], data["train_labels"], classes)

@@ -42,6 +42,8 @@ def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch
     """Indices (train, val): n_val images drawn per class in proportion to its size, reproducibly."""
     generator = torch.Generator().manual_seed(seed)
     classes, counts = torch.unique(labels, return_counts=True)
+    if not 0 <= n_val <= len(labels) - len(classes):
+        raise ValueError(f"n_val {n_val}: must be 0..{len(labels) - len(classes)} so every class keeps a training image")
     exact = counts.double() * n_val / len(labels)
     take = torch.minimum(exact.floor().long(), counts - 1)  # every class keeps a training image
     # the images flooring left over go one each to the largest remainders among classes with room,
