@@ -203,7 +203,7 @@ def fit_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, n_epochs: int
                amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0, clip_grad: float = 0.0,
                eval_model: nn.Module | None = None, first_epoch: int = 1,
                log_interval: int | None = None, on_batch=None, on_step=None,
-               resume_sums: EpochSums | None = None, on_eval=None, tta: int = 0) -> Iterator[EpochRecord]:
+               resume_sums: EpochSums | None = None, on_eval=None) -> Iterator[EpochRecord]:
     """Train and validate epoch by epoch, yielding one record per epoch (the caller logs and saves).
 
     `on_step(epoch, sums)` is called after every step; `resume_sums` continues `first_epoch` part-way.
@@ -221,7 +221,7 @@ def fit_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, n_epochs: int
                                                 clip_grad=clip_grad,
                                                 log_interval=log_interval, on_batch=on_batch, sums=sums,
                                                 on_step=step_hook)
-        val = (evaluate(eval_model if eval_model is not None else model, val_loader, device, amp_dtype, tta)
+        val = (evaluate(eval_model if eval_model is not None else model, val_loader, device, amp_dtype)
                if val_loader is not None else None)
         if val is not None and on_eval is not None:
             on_eval(val)  # the full EvalResult (predictions, probabilities): the trainer's end-of-run views
