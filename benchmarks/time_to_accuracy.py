@@ -78,7 +78,7 @@ def describe(name: str, runs: list[dict], peak: float) -> dict:
         "recipe": name, "runs": len(runs), "median_wall_s": statistics.median(r["wall"] for r in runs),
         "acc_mean": statistics.mean(accuracies), "acc_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
         "images_per_s": ips, "peak_fraction": ips * flops_per_image / peak,
-        "median_to_75_s": statistics.median(to_75) if to_75 else None,
+        "median_to_75_s": statistics.median(to_75) if to_75 else None, "all": runs,
     }
 
 
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="seeds 0..runs-1 of the recipe")
     parser.add_argument("--baseline", default="seed", help="recipe to compare against ('' for none)")
     parser.add_argument("--baseline-runs", type=int, default=1)
+    parser.add_argument("--baseline-epochs", type=int,
+                        help="stop the baseline early (its schedule is constant, so the first epochs are the same)")
     parser.add_argument("--device", default="cpu")
     args, extra = parser.parse_known_args()
     extra += ["--device", args.device]
@@ -101,8 +103,12 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--recipe", args.recipe,
                         "--epochs", "1", "--out", str(Path(tmp) / "warm"), *extra], check=True,
                        stdout=subprocess.DEVNULL)  # warms the data cache, not timed
-        for name, n in [(args.recipe, args.runs)] + ([(args.baseline, args.baseline_runs)] if args.baseline else []):
-            runs = [run_once(name, seed, Path(tmp), extra) for seed in range(n)]
+        baseline_extra = ["--epochs", str(args.baseline_epochs)] if args.baseline_epochs else []
+        plan = [(args.recipe, args.runs, extra)]
+        if args.baseline:
+            plan.append((args.baseline, args.baseline_runs, extra + baseline_extra))
+        for name, n, flags in plan:
+            runs = [run_once(name, seed, Path(tmp), flags) for seed in range(n)]
             for seed, r in enumerate(runs):
                 print(f"  {name} seed {seed}: {r['wall']:.1f}s, accuracy {100 * r['accuracy']:.2f}%", flush=True)
             rows.append(describe(name, runs, peak))
@@ -113,9 +119,11 @@ def main() -> None:
         to_75 = f"{r['median_to_75_s']:.1f}" if r["median_to_75_s"] is not None else "not reached"
         print(f"| {r['recipe']} | {r['runs']} | {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f}% | "
               f"{r['median_wall_s']:.1f} | {to_75} | {r['images_per_s']:.0f} | {100 * r['peak_fraction']:.1f}% |")
-    if len(rows) == 2 and rows[0]["median_to_75_s"] and rows[1]["median_to_75_s"]:
-        print(f"\ntime to 75%: {args.baseline} / {args.recipe} = "
-              f"{rows[1]['median_to_75_s'] / rows[0]['median_to_75_s']:.1f}x")
+    # the recipe's whole command counts when its final (TTA) accuracy clears 75%; the baseline's time is
+    # to the end of its first epoch at >= 75%
+    if len(rows) == 2 and rows[1]["median_to_75_s"] and min(r["accuracy"] for r in rows[0]["all"]) >= 0.75:
+        print(f"\ntime to 75%: {args.baseline} {rows[1]['median_to_75_s']:.1f}s / {args.recipe} "
+              f"{rows[0]['median_wall_s']:.1f}s = {rows[1]['median_to_75_s'] / rows[0]['median_wall_s']:.1f}x")
 
 
 if __name__ == "__main__":
