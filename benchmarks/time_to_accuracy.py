@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cifarlab.config import recipe
+from cifarlab.data import load_data
 from cifarlab.models.catalog import forward_flops
 from cifarlab.models import create_model
 
@@ -100,9 +101,7 @@ def main() -> None:
           f"{peak / 1e9:.1f} GFLOP/s; torch {torch.__version__}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--recipe", args.recipe,
-                        "--epochs", "1", "--out", str(Path(tmp) / "warm"), *extra], check=True,
-                       stdout=subprocess.DEVNULL)  # warms the data cache, not timed
+        load_data(str(DATA))  # warms the data cache (decoding is a one-off), not timed
         baseline_extra = ["--epochs", str(args.baseline_epochs)] if args.baseline_epochs else []
         plan = [(args.recipe, args.runs, extra)]
         if args.baseline:

@@ -82,7 +82,7 @@ def lr_range_test(config: TrainConfig, steps: int = 200, start_lr: float = 1e-7,
     lrs, losses = [], []
     best, stopped_early, average = math.inf, False, 0.0
     while len(lrs) < steps and not stopped_early:
-        for images, labels in loader:  # as many passes as the steps need
+        for images, labels, *_ in loader:  # as many passes as the steps need (mixup partners unused)
             lr = start_lr * factor ** len(lrs)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -103,9 +103,7 @@ def test_out_folder_is_never_overwritten(image_root: Path, tmp_path: Path, capsy
 
 
 def test_default_run_folders_are_new_each_time(image_root: Path, tmp_path: Path) -> None:
-    for _ in range(2):
-        assert main(["train", "--data", str(image_root), *TINY, "--epochs", "1"]) == 0 or True
-    # run from tmp_path so runs/ lands there
+    # run from tmp_path so runs/ lands there, not in the repository
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
