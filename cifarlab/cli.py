@@ -179,6 +179,8 @@ def _train_command(args: argparse.Namespace) -> None:
         return
     if overrides.get("model", config.model) != config.model:
         overrides["model_args"] = {}  # the recipe's model arguments belong to the recipe's model
+    if "data" in overrides:  # config.json records an absolute path: `eval RUN_DIR` works from any folder
+        overrides["data"] = str(Path(overrides["data"]).expanduser().absolute())
     if "data" in overrides or "dataset" in overrides:
         overrides.setdefault("data", None)
         overrides.setdefault("dataset", None)

@@ -75,6 +75,17 @@ def test_official_format_evaluates_on_its_test_split(tmp_path: Path, cifar10_tar
     assert result["split"] == "test" and result["n"] == len(data.test_labels)
 
 
+def test_a_relative_data_path_is_recorded_absolute(image_root: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(image_root.parent)
+    out = tmp_path / "run"
+    assert main(["train", "--data", image_root.name, *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["data"] == str(image_root)
+    monkeypatch.chdir(tmp_path.parent)  # eval from elsewhere still finds the run's data
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 12
+
+
 def test_eval_text_output_lists_every_class(image_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     main(["train", "--data", str(image_root), *TINY, "--epochs", "1", "--out", str(out)])
