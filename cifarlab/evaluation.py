@@ -28,7 +28,9 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
         set_cpu_threads()
     model, info = load_model(model_path, torch_device)
     config = info.config
-    own_source = data is None and dataset is None
+    # the run's own source, named again or left out, is split as in training
+    own_source = ((data is None and dataset is None) or (dataset is not None and dataset == config.get("dataset"))
+                  or (data is not None and str(Path(data).expanduser().absolute()) == config.get("data")))
     if own_source:
         data, dataset = config.get("data"), config.get("dataset")
     # the run's own source is split as in training; another source is evaluated whole (or its test split)

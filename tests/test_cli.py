@@ -84,6 +84,8 @@ def test_a_relative_data_path_is_recorded_absolute(image_root: Path, tmp_path: P
     capsys.readouterr()
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 12
+    assert main(["eval", str(out), "--data", str(image_root), "--json"]) == 0  # the same source, named again
+    assert json.loads(capsys.readouterr().out)["n"] == 12
 
 
 def test_eval_text_output_lists_every_class(image_root: Path, tmp_path: Path, capsys) -> None:
