@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from cifarlab.config import RECIPES, recipe
+from cifarlab.config import RECIPES, TrainConfig, recipe
 from cifarlab.errors import CifarlabError
 from cifarlab.resume import INTERRUPTED_STATUS, RunInterrupted
 
@@ -161,6 +161,19 @@ def _add_inspection_commands(commands) -> None:
     finder.add_argument("--out", metavar="FILE", default="lr_find.png", help="the plot (default: lr_find.png)")
 
 
+def _apply_flags(config: TrainConfig, overrides: dict) -> TrainConfig:
+    """The recipe with the flags the user gave (train and lr-find apply them the same way)."""
+    overrides = dict(overrides)
+    if overrides.get("model", config.model) != config.model:
+        overrides["model_args"] = {}  # the recipe's model arguments belong to the recipe's model
+    if "data" in overrides:  # config.json records an absolute path: `eval RUN_DIR` works from any folder
+        overrides["data"] = str(Path(overrides["data"]).expanduser().absolute())
+    if "data" in overrides or "dataset" in overrides:  # one source replaces the other
+        overrides.setdefault("data", None)
+        overrides.setdefault("dataset", None)
+    return dataclasses.replace(config, **overrides)
+
+
 def _train_command(args: argparse.Namespace) -> None:
     from cifarlab.trainer import run_training
 
@@ -177,14 +190,7 @@ def _train_command(args: argparse.Namespace) -> None:
                                 f"{', '.join(given)}")
         run_training(config, tensorboard=args.tensorboard, resume=args.resume)
         return
-    if overrides.get("model", config.model) != config.model:
-        overrides["model_args"] = {}  # the recipe's model arguments belong to the recipe's model
-    if "data" in overrides:  # config.json records an absolute path: `eval RUN_DIR` works from any folder
-        overrides["data"] = str(Path(overrides["data"]).expanduser().absolute())
-    if "data" in overrides or "dataset" in overrides:
-        overrides.setdefault("data", None)
-        overrides.setdefault("dataset", None)
-    run_training(dataclasses.replace(config, **overrides), args.out, tensorboard=args.tensorboard)
+    run_training(_apply_flags(config, overrides), args.out, tensorboard=args.tensorboard)
 
 
 def _eval_command(args: argparse.Namespace) -> None:
@@ -241,12 +247,7 @@ def _lr_find_command(args: argparse.Namespace) -> None:
 
     config = recipe(args.recipe)
     overrides = {name: getattr(args, name) for name in LR_FIND_FLAGS if getattr(args, name) is not None}
-    if overrides.get("model", config.model) != config.model:
-        overrides["model_args"] = {}  # as train: the recipe's model arguments belong to the recipe's model
-    if "data" in overrides or "dataset" in overrides:
-        overrides.setdefault("data", None)
-        overrides.setdefault("dataset", None)
-    result = lr_range_test(dataclasses.replace(config, **overrides), steps=args.steps, start_lr=args.start_lr,
+    result = lr_range_test(_apply_flags(config, overrides), steps=args.steps, start_lr=args.start_lr,
                            end_lr=args.end_lr)
     save_lr_plot(result, Path(args.out))
     stop = f"stopped at lr {result.lrs[-1]:.3g} (loss diverged)" if result.stopped_early else "reached --end-lr"
