@@ -112,7 +112,7 @@ def main() -> None:
                 print(f"  {name} seed {seed}: {r['wall']:.1f}s, accuracy {100 * r['accuracy']:.2f}%", flush=True)
             rows.append(describe(name, runs, peak))
 
-    print(f"\n| recipe | runs | accuracy (val, 5000 held out) | median wall s | to 75% s | images/s | of peak |")
+    print("\n| recipe | runs | accuracy (val, 5000 held out) | median wall s | to 75% s | images/s | of peak |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         to_75 = f"{r['median_to_75_s']:.1f}" if r["median_to_75_s"] is not None else "not reached"

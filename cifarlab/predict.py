@@ -12,7 +12,7 @@ import torch
 
 from cifarlab.checkpoint import load_model
 from cifarlab.data import ImageSet, TensorLoader
-from cifarlab.data.sources import _decode  # one decoding rule for training, eval and predict
+from cifarlab.data.sources import decode_image  # one decoding rule for training, eval and predict
 from cifarlab.device import autocast, autocast_dtype, pick_device, set_cpu_threads
 from cifarlab.engine import tta_log_probs
 from cifarlab.errors import CifarlabError
@@ -24,7 +24,7 @@ def read_images(paths: list[Path], size: int) -> torch.Tensor:
     for path in paths:
         if not path.is_file():
             raise CifarlabError(f"{path}: no such image file")
-        array, _ = _decode(path.read_bytes(), size, str(path))
+        array, _ = decode_image(path.read_bytes(), size, str(path))
         arrays.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
     return torch.stack(arrays)
 

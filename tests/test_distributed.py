@@ -134,3 +134,40 @@ def test_a_failure_on_one_rank_ends_every_rank_with_a_clear_message(colour_root:
     assert "rank 1 of 2 failed: RuntimeError: injected failure on rank 1" in result.stderr
     assert time.monotonic() - started < 150  # torchrun stopped rank 0, which was waiting on rank 1: no hang
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+DIES_AFTER_A_CHECKPOINT = """
+import os, sys
+from cifarlab import cli
+from cifarlab.resume import Checkpointer
+if os.environ["RANK"] == "0":
+    save = Checkpointer._save
+    def save_then_die(self, epoch, sums):
+        save(self, epoch, sums)
+        if sums is not None:  # the first mid-epoch checkpoint: epoch 2, batch 1 (step 4)
+            os._exit(9)  # as if the node were lost right after writing it
+    Checkpointer._save = save_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_torchrun_run_killed_mid_epoch_resumes_under_torchrun_to_the_same_weights(colour_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    # 3 steps an epoch: step 4 is mid-epoch; a low rate keeps the loss (and so the gradients) far from 0
+    args = ["--data", str(colour_root), *TINY, "--checkpoint-every", "4", "--lr", "0.0003"]
+    assert torchrun("train", *args, "--out", str(tmp_path / "full"), cwd=tmp_path).returncode == 0
+    script = tmp_path / "dies.py"
+    script.write_text(DIES_AFTER_A_CHECKPOINT)
+    killed = torchrun("train", *args, "--out", str(tmp_path / "cut"), cwd=tmp_path, script=[str(script)])
+    assert killed.returncode != 0 and not (tmp_path / "cut" / "model.pt").exists()
+
+    resumed = torchrun("train", "--resume", str(tmp_path / "cut"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resuming") == 1 and "at epoch 2, batch 1/3" in resumed.stdout
+    full, cut = (torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"] for run in ("full", "cut"))
+    assert full.keys() == cut.keys()
+    for name in full:  # the ranks restored the same state and redrew the same batches: the same steps
+        assert torch.equal(full[name], cut[name]), name
+    rows = [(tmp_path / run / "metrics.csv").read_text().splitlines() for run in ("full", "cut")]
+    assert len(rows[0]) == len(rows[1]) == 5  # a header and 4 epochs, written once
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == RUN_FILES

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from cifarlab import CifarlabError, create_model, model_names
-from cifarlab.models.catalog import count_params, format_table, forward_flops
+from cifarlab.models.catalog import count_params, forward_flops
 
 # Parameter counts with 10 classes, to 2 significant figures: He et al. (2015) table 6 for the CIFAR
 # ResNets, Zagoruyko & Komodakis (2016) for the WRNs, the usual 11.2M for the 32x32 PreAct ResNet-18.

@@ -129,51 +129,57 @@ class TensorLoader:
         self.set_state(epoch_state)
         self._skip = batch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         n = len(self.labels)
         self.epoch_state = self.generator.get_state()  # where this pass's draws begin: what a checkpoint keeps
         skip, self._skip = self._skip, 0
         seen: list[torch.Tensor] = []  # this rank's image indices, for shard_log
-        order = torch.randperm(n, generator=self.generator).to(self.device) if self.shuffle else None
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            if skip > 0:
-                skip -= 1
-                if self.augment is not None:
-                    augment_draws(min(self.batch_size, n - start), self.augment, self.generator)
-                    if self.augment.extras:
-                        self._extras_generator()
+        order = torch.randperm(n, generator=self.generator).to(self.device) if self.shuffle else torch.arange(n, device=self.device)
+        for batch_number, start in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
+            index = order[start:start + self.batch_size]  # the global batch
+            if batch_number < skip:
+                self._replay_draws(len(index))
                 continue
-            index = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            shard = None
             if self.world > 1:
-                index = torch.arange(n, device=self.device)[index] if isinstance(index, slice) else index
                 shard = (self.rank, self.world, len(index))
                 index = index[self.rank::self.world]
-            else:
-                shard = None
             if self.shard_log is not None:
-                seen.append(torch.arange(n, device=self.device)[index])
-            images, labels = self.images[index], self.labels[index]
-            if self.augment is not None:
-                images = augment_batch(images, self.augment, self.generator, shard).permute(0, 3, 1, 2)
-            else:
-                images = images.contiguous(memory_format=self.memory_format)
-            extras = self._extras_generator() if self.augment is not None and self.augment.extras else None
-            if extras is not None and self.augment.randaugment:
-                images = rand_augment(images, self.augment.randaugment, self.augment.randaugment_magnitude, extras)
-            # in float32 (scale and shift are float32, so a bf16/fp16 product would be promoted back
-            # anyway), then cast: the batch comes out in the dtype asked for
-            images = images.to(torch.float32) * self.scale + self.shift
-            if extras is not None and self.augment.cutout:
-                images = cutout(images, self.augment.cutout, extras)
-            if extras is not None and self.augment.mixes:
-                images, labels, partners, lam = mix_batch(images, labels, self.augment.mixup, self.augment.cutmix,
-                                                          extras)
-                yield images.to(self.dtype).contiguous(memory_format=self.memory_format), labels, partners, lam
-                continue
-            yield images.to(self.dtype).contiguous(memory_format=self.memory_format), labels
+                seen.append(index)
+            yield self._make_batch(index, shard)
         if self.shard_log is not None and seen:
             with open(self.shard_log, "a") as log:
                 log.write(" ".join(map(str, torch.cat(seen).tolist())) + "\n")
+
+    def _replay_draws(self, n: int) -> None:
+        """Draw a skipped batch's augmentation randomness without the gather (see `resume_at`)."""
+        if self.augment is not None:
+            augment_draws(n, self.augment, self.generator)
+            if self.augment.extras:
+                self._extras_generator()
+
+    def _make_batch(self, index: torch.Tensor, shard: tuple[int, int, int] | None) -> tuple[torch.Tensor, ...]:
+        """The images at `index`, augmented and normalised: (images, labels), or with mixup/cutmix
+        (images, labels, partner labels, weight of labels)."""
+        images, labels = self.images[index], self.labels[index]
+        augment = self.augment
+        if augment is None:
+            images = images.contiguous(memory_format=self.memory_format)
+        else:
+            images = augment_batch(images, augment, self.generator, shard).permute(0, 3, 1, 2)
+        extras = self._extras_generator() if augment is not None and augment.extras else None
+        if extras is not None and augment.randaugment:
+            images = rand_augment(images, augment.randaugment, augment.randaugment_magnitude, extras)
+        # in float32 (scale and shift are float32, so a bf16/fp16 product would be promoted back
+        # anyway), then cast: the batch comes out in the dtype asked for
+        images = images.to(torch.float32) * self.scale + self.shift
+        if extras is not None and augment.cutout:
+            images = cutout(images, augment.cutout, extras)
+        mixed = ()
+        if extras is not None and augment.mixes:
+            images, labels, partners, lam = mix_batch(images, labels, augment.mixup, augment.cutmix, extras)
+            mixed = (partners, lam)
+        return (images.to(self.dtype).contiguous(memory_format=self.memory_format), labels, *mixed)
 
     def _extras_generator(self) -> torch.Generator:
         """A generator for one batch's extra augmentations, seeded by one draw from the loader's own:

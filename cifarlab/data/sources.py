@@ -132,7 +132,7 @@ def _official_files(tree: FileTree) -> dict[str, Callable[[], bytes]] | None:
 
 # --- image folders ---------------------------------------------------------------------------------
 
-def _decode(data: bytes, size: int, where: str) -> tuple[np.ndarray, bool]:
+def decode_image(data: bytes, size: int, where: str) -> tuple[np.ndarray, bool]:
     """One image as HxWx3 uint8 at size x size; the flag says it had to be converted."""
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -171,7 +171,7 @@ def _read_folder_split(tree: FileTree, prefix: str, size: int, where: str, notes
     images, labels, converted = [], [], 0
     for label, (name, files) in enumerate(classes.items()):
         for path in files:
-            array, was_converted = _decode(tree[path](), size, f"{where}/{path}")
+            array, was_converted = decode_image(tree[path](), size, f"{where}/{path}")
             images.append(array)
             labels.append(label)
             converted += was_converted
