@@ -22,7 +22,7 @@ from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
 from cifarlab.distributed import (DistInfo, all_reduce_mean, broadcast_path, env_info, report_failure, setup,
                                   shard_log_path, teardown)
 from cifarlab.ema import WeightEMA
-from cifarlab.engine import EvalResult, History, evaluate, fit_epochs
+from cifarlab.engine import EpochRecord, EvalResult, History, evaluate, fit_epochs
 from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
 from cifarlab.optim import build_optimizer, build_scheduler
@@ -230,7 +230,7 @@ def _run_training(config: TrainConfig, out: str | None, tensorboard: bool, resum
 
     train_started = time.perf_counter()
     history, final_eval = _train_epochs(config, parts, run_dir, device, amp_dtype, dist_info, bundle.eval_split,
-                                        stack, tensorboard, first_epoch, resume_sums, History(list(done)))
+                                        stack, tensorboard, first_epoch, resume_sums, done)
     if not dist_info.is_main:  # the other ranks train and evaluate but write nothing
         return run_dir
     train_seconds = time.perf_counter() - train_started
@@ -255,12 +255,14 @@ def _run_training(config: TrainConfig, out: str | None, tensorboard: bool, resum
 
 def _train_epochs(config: TrainConfig, parts: Parts, run_dir: Path, device: torch.device,
                   amp_dtype: torch.dtype | None, dist_info: DistInfo, split: str | None, stack: contextlib.ExitStack,
-                  tensorboard: bool, first_epoch: int, resume_sums, history: History) -> tuple[History, EvalResult | None]:
+                  tensorboard: bool, first_epoch: int, resume_sums,
+                  done: list[EpochRecord]) -> tuple[History, EvalResult | None]:
     """The epochs from `first_epoch` on; rank 0 logs, checkpoints and stops cleanly on a signal.
 
-    Returns the history (the records a resumed run already had, then these) and the last epoch's
-    evaluation (None when no epoch ran or nothing is evaluated)."""
+    Returns the history (`done`, the records a resumed run already had, then these) and the last
+    epoch's evaluation (None when no epoch ran or nothing is evaluated)."""
     main = dist_info.is_main
+    history = History(list(done))
     # other ranks: no live bar (their stdout, /dev/null by now, is no terminal)
     progress = EpochProgress(config.epochs, len(parts.train_loader), split, bar_stream=None if main else sys.stdout)
     metrics = MetricsWriter(run_dir / "metrics.csv") if main else None
@@ -278,10 +280,11 @@ def _train_epochs(config: TrainConfig, parts: Parts, run_dir: Path, device: torc
         if saver is not None:
             saver.on_step(epoch, sums, stop.requested)
 
-    final_eval: list[EvalResult] = []  # the last epoch's evaluation, for the views (no second pass)
+    last_eval: EvalResult | None = None  # the last epoch's evaluation, for the views (no second pass)
 
     def keep_last(result: EvalResult) -> None:
-        final_eval[:] = [result]
+        nonlocal last_eval
+        last_eval = result
     try:
         if first_epoch <= config.epochs:  # a run resumed after its last epoch only writes its files
             progress.start_epoch(first_epoch)
@@ -311,7 +314,7 @@ def _train_epochs(config: TrainConfig, parts: Parts, run_dir: Path, device: torc
         if board is not None:
             board.close()
     stop.restore()  # the run's files are written next: Ctrl-C interrupts them as usual
-    return history, (final_eval[-1] if final_eval else None)
+    return history, last_eval
 
 
 def write_results(run_dir: Path, config: TrainConfig, bundle: DataBundle, parts: Parts, history: History,

@@ -134,7 +134,8 @@ class TensorLoader:
         self.epoch_state = self.generator.get_state()  # where this pass's draws begin: what a checkpoint keeps
         skip, self._skip = self._skip, 0
         seen: list[torch.Tensor] = []  # this rank's image indices, for shard_log
-        order = torch.randperm(n, generator=self.generator).to(self.device) if self.shuffle else torch.arange(n, device=self.device)
+        order = (torch.randperm(n, generator=self.generator).to(self.device) if self.shuffle
+                 else torch.arange(n, device=self.device))
         for batch_number, start in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
             index = order[start:start + self.batch_size]  # the global batch
             if batch_number < skip:
