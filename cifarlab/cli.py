@@ -9,9 +9,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from cifarlab.config import RECIPES, TrainConfig, recipe
-from cifarlab.errors import CifarlabError
-from cifarlab.resume import INTERRUPTED_STATUS, RunInterrupted
+from cifarlab.config import RECIPES, TrainConfig, flag_name, recipe
+from cifarlab.errors import INTERRUPTED_STATUS, CifarlabError, RunInterrupted
 
 EPILOG = """examples:
   cifarlab train --data ../shared/data/cifar10-jpeg-train.tar.gz --recipe seed
@@ -24,7 +23,8 @@ EPILOG = """examples:
 """
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """--data or --dataset (one of the two): train, eval and lr-find read a source the same way."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="SOURCE",
                         help="a local source: the official archive or its folder, an image folder root "
@@ -32,6 +32,34 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                              "or a .tar/.tar.gz/.zip of one")
     source.add_argument("--dataset", choices=["cifar10", "cifar100"],
                         help="download the official archive (cached; mirror via CIFARLAB_DATA_URL)")
+
+
+FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, title: str, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field, generated from the field: its type, help and choices. Every flag
+    defaults to None, meaning "the recipe's value"; `validate()` checks what was given."""
+    group = parser.add_argument_group(title)
+    for spec in dataclasses.fields(TrainConfig):
+        meta = spec.metadata
+        if not meta["flag"] or spec.name in exclude:
+            continue
+        kind = FLAG_TYPES[spec.type.split(" |")[0]]
+        help_text = meta["help"] + (f" (one of: {', '.join(meta['names']())})" if meta["names"] else "")
+        if kind is bool:
+            group.add_argument(flag_name(spec.name), action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            group.add_argument(flag_name(spec.name), type=kind, default=None, choices=meta["choices"],
+                               help=help_text, metavar=None if meta["choices"] else spec.name.upper())
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The config fields the user gave on the command line (the generated flags and --data/--dataset;
+    --recipe picks the config they override)."""
+    return {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig)
+            if spec.name != "recipe" and getattr(args, spec.name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,33 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a model. Starts from a recipe; each flag given overrides "
                                             "the recipe's value. Writes config.json, metrics.csv, curves.png, "
                                             "model.pt and summary.json into the run folder.")
-    _add_data_args(train)
+    add_data_args(train)
     train.add_argument("--recipe", help=f"named settings to start from: {', '.join(sorted(RECIPES))} "
-                                                        "(default: seed)")
-    train.add_argument("--model", help="registered model name (see the recipe for its default)")
-    train.add_argument("--epochs", type=int, help="passes over the training images")
-    train.add_argument("--batch-size", type=int, help="images per optimisation step")
-    train.add_argument("--lr", type=float, help="peak learning rate")
-    train.add_argument("--val-split", type=int, metavar="N",
-                       help="images held out (stratified, seeded) for validation; default 5000 when the source "
-                            "has no test split, else 0 (evaluate on test); 0 trains on everything")
-    train.add_argument("--seed", type=int, help="seed for the split, initialisation, order and augmentation")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
-    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="auto: bf16 on CPUs with native bf16 (else fp32), bf16/fp16 on CUDA")
+                                        "(default: seed)")
     train.add_argument("--out", metavar="DIR", help="run folder to create (default: a new folder under runs/)")
-    train.add_argument("--checkpoint-every", type=int, metavar="N",
-                       help="also save RUN_DIR/checkpoint.pt every N steps (it is always saved after each epoch)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue an interrupted run exactly where its checkpoint left it, with its own settings")
-    _add_recipe_flags(train)
     train.add_argument("--tensorboard", action="store_true",
                        help="also write TensorBoard event files into the run folder (needs the tensorboard package)")
+    add_config_flags(train, "training options (each overrides the recipe's value; 0 turns an extra off)")
 
     evaluate = commands.add_parser("eval", help="evaluate a trained model on a split",
                                    description="Evaluate a run folder or model.pt on a data split.")
     evaluate.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
-    _add_data_args(evaluate)
+    add_data_args(evaluate)
     evaluate.add_argument("--split", choices=["test", "val", "train"],
                           help="default: the split the run reported on (val if it held one out, else test)")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -89,29 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show full tracebacks for errors")
     return parser
-
-
-# the recipe fields the command line exposes besides the basics (rarer ones live only in recipes)
-RECIPE_FLAGS = ("optimizer", "schedule", "weight_decay", "warmup_epochs", "label_smoothing", "clip_grad", "ema",
-                "randaugment", "cutout", "mixup", "cutmix", "sync_bn")
-
-
-def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
-    group = train.add_argument_group("training options (each overrides the recipe's value; 0 turns one off)")
-    group.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="sgd is Nesterov SGD")
-    group.add_argument("--schedule", choices=["constant", "onecycle", "cosine"], help="per-step learning rate")
-    group.add_argument("--weight-decay", type=float, metavar="WD", help="on weights only (not norms or biases)")
-    group.add_argument("--warmup-epochs", type=float, metavar="E", help="linear warm-up of the learning rate")
-    group.add_argument("--label-smoothing", type=float, metavar="EPS")
-    group.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradient norm to NORM")
-    group.add_argument("--ema", type=float, metavar="DECAY",
-                       help="evaluate and save an exponential moving average of the weights (e.g. 0.999)")
-    group.add_argument("--randaugment", type=int, metavar="N", help="RandAugment: N ops per image (magnitude 9)")
-    group.add_argument("--cutout", type=int, metavar="PX", help="cut out a PX x PX square per image")
-    group.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA)")
-    group.add_argument("--cutmix", type=float, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA)")
-    group.add_argument("--sync-bn", action="store_true", default=None,
-                       help="under torchrun on GPUs: BatchNorm statistics over the global batch")
 
 
 def _add_inspection_commands(commands) -> None:
@@ -147,14 +139,10 @@ def _add_inspection_commands(commands) -> None:
                                  description="Train a throw-away model from the recipe while the learning rate "
                                              "grows from --start-lr to --end-lr; stop when the loss diverges; "
                                              "plot it and print the suggested rate (steepest descent).")
-    _add_data_args(finder)
+    add_data_args(finder)
     finder.add_argument("--recipe", default="seed", help="settings to start from (default: seed)")
-    finder.add_argument("--model", help="registered model name")
-    finder.add_argument("--batch-size", type=int)
-    finder.add_argument("--val-split", type=int, metavar="N", help="as train: these images are left out")
-    finder.add_argument("--seed", type=int)
-    finder.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    finder.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    add_config_flags(finder, "the recipe's settings (as train; the sweep replaces its learning-rate schedule)",
+                     exclude=SWEPT)
     finder.add_argument("--steps", type=int, default=200, help="steps of the sweep (default: 200)")
     finder.add_argument("--start-lr", type=float, default=1e-7)
     finder.add_argument("--end-lr", type=float, default=10.0)
@@ -178,13 +166,10 @@ def _train_command(args: argparse.Namespace) -> None:
     from cifarlab.trainer import run_training
 
     config = recipe(args.recipe or "seed")
-    overrides = {name: getattr(args, name) for name in
-                 ("data", "dataset", "model", "epochs", "batch_size", "lr", "val_split", "seed", "device", "precision",
-                  "checkpoint_every", *RECIPE_FLAGS)
-                 if getattr(args, name) is not None}
+    overrides = config_overrides(args)
     if args.resume is not None:
-        given = [f"--{name.replace('_', '-')}" for name in [*overrides, *(["recipe"] if args.recipe else []),
-                                                            *(["out"] if args.out else [])]]
+        given = [flag_name(name) for name in [*overrides, *(["recipe"] if args.recipe else []),
+                                              *(["out"] if args.out else [])]]
         if given:
             raise CifarlabError(f"--resume {args.resume}: continues the run with its own settings; drop "
                                 f"{', '.join(given)}")
@@ -239,15 +224,14 @@ def _export_command(args: argparse.Namespace) -> None:
           f"max difference from the PyTorch model {result['max_abs_diff']:.2g} (tolerance {result['tolerance']:g})")
 
 
-LR_FIND_FLAGS = ("data", "dataset", "model", "batch_size", "val_split", "seed", "device", "precision")
+# what the lr sweep sets itself, or never reaches: not lr-find flags
+SWEPT = ("lr", "schedule", "warmup_epochs", "epochs", "ema", "tta", "checkpoint_every", "sync_bn", "eval_batch_size")
 
 
 def _lr_find_command(args: argparse.Namespace) -> None:
     from cifarlab.lr_find import lr_range_test, save_lr_plot
 
-    config = recipe(args.recipe)
-    overrides = {name: getattr(args, name) for name in LR_FIND_FLAGS if getattr(args, name) is not None}
-    result = lr_range_test(_apply_flags(config, overrides), steps=args.steps, start_lr=args.start_lr,
+    result = lr_range_test(_apply_flags(recipe(args.recipe), config_overrides(args)), steps=args.steps, start_lr=args.start_lr,
                            end_lr=args.end_lr)
     save_lr_plot(result, Path(args.out))
     stop = f"stopped at lr {result.lrs[-1]:.3g} (loss diverged)" if result.stopped_early else "reached --end-lr"

@@ -1,80 +1,114 @@
 """One dataclass describes a training run; a recipe is a named instance of it.
 
-The command line starts from a recipe and replaces the fields the user gave (`dataclasses.replace`),
-so `config.json` in a run folder is always the complete, resolved description of what ran.
+Each option is declared once, as a field: its default, its help, its check and its flag. The command
+line (`cli.add_config_flags`) and `validate()` are generated from the fields, so a new option is one
+field here plus the code that uses it. The command line starts from a recipe and replaces the fields
+the user gave (`dataclasses.replace`), so `config.json` in a run folder is always the complete,
+resolved description of what ran.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
+from cifarlab.data.loader import Augment
+from cifarlab.device import PRECISIONS
 from cifarlab.errors import CifarlabError, unknown_name
 from cifarlab.models import model_names
+from cifarlab.optim import OPTIMIZERS, SCHEDULES
+
+Check = Callable[[Any, "TrainConfig"], bool]
+
+
+def option(default: Any, help: str, bounds: tuple[Check, str] | None = None, *, flag: bool = True,
+           choices: tuple | None = None, names: Callable[[], list[str]] | None = None) -> Any:
+    """A config field with what the command line and `validate()` need to know about it.
+
+    `bounds` (check, rule): check(value, config) False raises "--flag VALUE: rule"; `names` lists the
+    registry a value must be in (an unknown one gets a did-you-mean); `choices` is a fixed set argparse
+    enforces; `flag=False` keeps a field off the generic flags (recipes set it, or the command line
+    treats it specially)."""
+    check, rule = bounds if bounds else (None, "")
+    meta = {"help": help, "check": check, "rule": rule, "flag": flag, "choices": choices, "names": names}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(low: float) -> tuple[Check, str]:
+    return (lambda v, c: v >= low), f"must be {low} or more"
+
+
+def in_unit() -> tuple[Check, str]:
+    return (lambda v, c: 0 <= v < 1), "must be in [0, 1)"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    recipe: str = "seed"
-    model: str = "cifar10_cnn"
-    model_args: dict = field(default_factory=dict)  # keyword arguments of the model's builder
-    # data
-    data: str | None = None  # a local source (archive, folder); None means `dataset`
-    dataset: str | None = None  # official archive to download: cifar10 | cifar100 (default cifar10)
-    val_split: int | None = None  # images held out; None: 5000 if the source has no test split, else 0
-    image_size: int = 32  # pixels; images of other sizes are resized
-    translate: int = 2  # pixels of random translation (reflected edges); 0 turns it off
-    flip: bool = True  # random horizontal flips
+    recipe: str = option("seed", "the recipe this config started from", flag=False)
+    model: str = option("cifar10_cnn", "registered model name; `cifarlab models` lists them", names=model_names)
+    model_args: dict = option({}, "keyword arguments of the model's builder", flag=False)
+    # data (--data/--dataset are one mutually exclusive pair on the command line: see cli.add_data_args)
+    data: str | None = option(None, "a local source (archive, folder); None means `dataset`", flag=False)
+    dataset: str | None = option(None, "official archive to download: cifar10 | cifar100", flag=False)
+    val_split: int | None = option(None, "images held out (stratified, seeded) for validation; default 5000 when "
+                                 "the source has no test split, else 0 (evaluate on test); 0 trains on everything",
+                                 (lambda v, c: v is None or v >= 0, "must be 0 or more"))
+    image_size: int = option(32, "pixels; images of other sizes are resized", at_least(8))
+    # augmentation (the defaults are the loader's own, cifarlab.data.Augment)
+    translate: int = option(Augment.translate, "pixels of random translation (reflected edges); 0 turns it off",
+                          at_least(0))
+    flip: bool = option(Augment.flip, "random horizontal flips")
+    randaugment: int = option(Augment.randaugment, "RandAugment: ops per image; 0 turns it off", at_least(0))
+    randaugment_magnitude: int = option(Augment.randaugment_magnitude, "RandAugment magnitude, 0..30",
+                                      (lambda v, c: 0 <= v <= 30, "must be in 0..30"))
+    cutout: int = option(Augment.cutout, "side of the square cut out of each image, pixels; 0 turns it off",
+                       (lambda v, c: 0 <= v <= c.image_size, "must be in 0..{c.image_size}"))
+    mixup: float = option(Augment.mixup, "Beta(alpha, alpha) of mixup; 0 turns it off", at_least(0))
+    cutmix: float = option(Augment.cutmix, "Beta(alpha, alpha) of cutmix (with mixup: one of the two per batch)",
+                         at_least(0))
     # optimisation
-    epochs: int = 10
-    batch_size: int = 128  # images per step
-    lr: float = 1e-3  # peak learning rate
-    optimizer: str = "adam"  # adam | adamw | sgd
-    momentum: float = 0.9  # sgd only (Nesterov)
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | onecycle | cosine
-    warmup_epochs: float = 0.0  # linear warm-up at the start of onecycle / cosine, in epochs
-    label_smoothing: float = 0.0
-    bias_lr_scale: float = 1.0  # lr multiplier for 1-D parameters (norm shifts, biases), as airbench does
-    clip_grad: float = 0.0  # max gradient norm; 0: no clipping
-    ema: float = 0.0  # decay of a weight EMA that is evaluated and saved instead (e.g. 0.999); 0: off
-    # augmentation beyond translate + flip (cifarlab.data.augment), each off at 0
-    randaugment: int = 0  # RandAugment ops per image (magnitude 9 of 30)
-    cutout: int = 0  # side of the square cut out per image, pixels
-    mixup: float = 0.0  # Beta(alpha, alpha) of mixup
-    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix (with mixup too: one of the two per batch)
+    epochs: int = option(10, "passes over the training images", at_least(1))
+    batch_size: int = option(128, "images per optimisation step", at_least(1))
+    lr: float = option(1e-3, "peak learning rate", (lambda v, c: v > 0, "must be greater than 0"))
+    optimizer: str = option("adam", "sgd is Nesterov SGD", names=lambda: list(OPTIMIZERS))
+    momentum: float = option(0.9, "SGD momentum (Nesterov)", at_least(0))
+    weight_decay: float = option(0.0, "on weights only (not norms or biases)", at_least(0))
+    schedule: str = option("constant", "per-step learning rate; onecycle warms up, then falls linearly to 0",
+                      names=lambda: list(SCHEDULES))
+    warmup_epochs: float = option(0.0, "linear warm-up of the learning rate, in epochs", at_least(0))
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", in_unit())
+    bias_lr_scale: float = option(1.0, "lr multiplier for 1-D parameters (norm shifts, biases), as airbench does",
+                                (lambda v, c: v > 0, "must be greater than 0"))
+    clip_grad: float = option(0.0, "clip the gradient norm to this; 0 turns it off", at_least(0))
+    ema: float = option(0.0, "evaluate and save an exponential moving average of the weights with this decay "
+                      "(e.g. 0.999); 0 turns it off", in_unit())
     # machinery
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 where fast, fp16/bf16 on CUDA) | fp32 | bf16 | fp16
-    eval_batch_size: int = 1000
-    channels_last: bool = True  # memory layout; NCHW can be faster on CPUs for narrow convolutions
-    tta: int = 0  # test-time augmentation when evaluating: 0 none, 1 mirror, 2 mirror + 1-px shifts
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only at each epoch's end)
-    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
+    seed: int = option(0, "seed for the split, initialisation, order and augmentation")
+    device: str = option("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+    precision: str = option("auto", "auto: bf16 on CPUs with native bf16 (else fp32), bf16/fp16 on CUDA; fp16 "
+                          "trains with a gradient scaler", choices=PRECISIONS)
+    eval_batch_size: int = option(1000, "images per evaluation batch", at_least(1))
+    channels_last: bool = option(True, "channels_last memory layout; NCHW can be faster on CPUs for narrow "
+                               "convolutions")
+    tta: int = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px "
+                    "shifts", choices=(0, 1, 2))
+    checkpoint_every: int = option(0, "also save RUN_DIR/checkpoint.pt every N steps (it is always saved after "
+                                 "each epoch)", at_least(0))
+    sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over the global batch (CUDA only)")
 
     def validate(self) -> "TrainConfig":
-        checks = [
-            (self.epochs >= 1, f"--epochs {self.epochs}: must be 1 or more"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be 1 or more"),
-            (self.lr > 0, f"--lr {self.lr}: must be greater than 0"),
-            (self.val_split is None or self.val_split >= 0, f"--val-split {self.val_split}: must be 0 or more"),
-            (self.image_size >= 8, f"image_size {self.image_size}: must be 8 or more"),
-            (self.translate >= 0, f"translate {self.translate}: must be 0 or more"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing {self.label_smoothing}: must be in [0, 1)"),
-            (self.checkpoint_every >= 0, f"--checkpoint-every {self.checkpoint_every}: must be 0 or more"),
-            (self.clip_grad >= 0, f"--clip-grad {self.clip_grad}: must be 0 (off) or more"),
-            (0 <= self.ema < 1, f"--ema {self.ema}: must be in [0, 1) (0: off)"),
-            (self.randaugment >= 0, f"--randaugment {self.randaugment}: must be 0 (off) or more"),
-            (0 <= self.cutout <= self.image_size, f"--cutout {self.cutout}: must be in 0..{self.image_size}"),
-            (self.mixup >= 0, f"--mixup {self.mixup}: must be 0 (off) or more"),
-            (self.cutmix >= 0, f"--cutmix {self.cutmix}: must be 0 (off) or more"),
-        ]
-        if self.model not in model_names():
-            raise unknown_name("model", self.model, model_names())
-        for ok, message in checks:
-            if not ok:
-                raise CifarlabError(message)
+        for spec in dataclasses.fields(self):
+            value, meta = getattr(self, spec.name), spec.metadata
+            if meta["names"] is not None and value not in meta["names"]():
+                raise unknown_name(spec.name.replace("_", " "), value, meta["names"]())
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise CifarlabError(f"{flag_name(spec.name)} {value}: choose from "
+                                    f"{', '.join(map(str, meta['choices']))}")
+            if meta["check"] is not None and not meta["check"](value, self):
+                raise CifarlabError(f"{flag_name(spec.name)} {value}: {meta['rule'].format(c=self)}")
         return self
 
     def to_dict(self) -> dict:
@@ -84,6 +118,10 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 RECIPES: dict[str, TrainConfig] = {
@@ -106,7 +144,7 @@ RECIPES: dict[str, TrainConfig] = {
     ),
     # fast94's method shrunk to the least compute that still clears 75% on 2 CPU cores: a quarter-width
     # net, 2 epochs, smaller batches (more steps per epoch), and NCHW, which beat channels_last for
-    # these narrow convolutions on AVX2 CPUs (docs/profile.md).
+    # these narrow convolutions on AVX2 CPUs (docs/speed.md).
     "fast75": TrainConfig(
         recipe="fast75", model="fast_net", model_args={"widths": [32, 64, 128]}, epochs=2, batch_size=256,
         optimizer="sgd", lr=0.001465 * 256, momentum=0.85, weight_decay=0.0153 / 11.5, bias_lr_scale=64,

@@ -26,6 +26,9 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One averaging step towards `model`'s weights (the model inside a DDP wrapper, if wrapped)."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
         self.updates += 1
         d = self.current_decay()
         averaged, current = [], []

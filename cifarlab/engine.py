@@ -1,4 +1,5 @@
-"""The loops: the notebook's `train`/`test` generators, `train_one_epoch`, `evaluate`, and `fit`.
+"""The step and the loops: `train_step` is the one place a training step happens; `train_one_epoch`,
+`evaluate`, and the notebook's `train`/`test` generators and `fit` are thin loops around it.
 
 Per-batch values stay on the device as tensors: the loops never call `.item()` per batch, so a GPU
 is never made to wait for the host. Sums are read once per epoch.
@@ -10,14 +11,16 @@ end in log-softmax (NLL, as the notebook) and models that return logits.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.device import autocast
+from cifarlab.ema import WeightEMA
+from cifarlab.records import EpochRecord, EpochSums, EvalResult, History
 
 
 def mixed_cross_entropy(output: torch.Tensor, target: torch.Tensor, partner: torch.Tensor | None = None,
@@ -30,49 +33,62 @@ def mixed_cross_entropy(output: torch.Tensor, target: torch.Tensor, partner: tor
     return lam * loss + (1 - lam) * F.cross_entropy(output, partner, label_smoothing=label_smoothing)
 
 
-def train(model: nn.Module, device: torch.device, train_loader: Iterable, optimizer: torch.optim.Optimizer,
-          epoch: int = 0, log_interval: int | None = None, *, scheduler=None, amp_dtype: torch.dtype | None = None,
-          label_smoothing: float = 0.0, clip_grad: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Train one epoch, yielding (loss, accuracy) of each batch as detached 0-dim tensors.
-
-    `log_interval` prints every N batches as the notebook did (that print reads the values, a sync).
-    A batch may carry mixup/cutmix partners, (images, labels, partner labels, weight); accuracy is then
-    against `labels`, the majority of each mixed image. `clip_grad` > 0 clips the gradient norm to it.
-    """
-    model.train()
-    for batch_idx, (data, target, *mix) in enumerate(train_loader):
-        data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            output = model(data)
-            loss = mixed_cross_entropy(output, target, *mix, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        loss = loss.detach().float()
-        accuracy = (output.detach().argmax(dim=1) == target).float().mean()
-        if log_interval and batch_idx % log_interval == 0:
-            print(f"Train Epoch: {epoch} [{batch_idx}/{len(train_loader)}]\tLoss: {loss.item():.6f}"
-                  f"\tAccuracy: {accuracy.item():.2f}")
-        yield loss, accuracy
-
-
 @dataclass
-class EvalResult:
-    loss: float
-    accuracy: float
-    n: int
-    predictions: torch.Tensor  # predicted label per image, on the CPU
-    targets: torch.Tensor
-    probabilities: torch.Tensor  # softmax of the outputs, [n, classes], on the CPU
+class Step:
+    """Everything one training step uses, built once per run (`build.build_run`) or per notebook call."""
 
-    def per_class_accuracy(self, num_classes: int) -> list[float]:
-        correct = torch.bincount(self.targets[self.predictions == self.targets], minlength=num_classes)
-        total = torch.bincount(self.targets, minlength=num_classes).clamp(min=1)
-        return (correct.double() / total).tolist()
+    model: nn.Module  # what trains: the model, or the DDP wrapper around it
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every batch
+    ema: WeightEMA | None = None  # updated after every step
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None: fp32
+    label_smoothing: float = 0.0
+    clip_grad: float = 0.0  # max gradient norm; 0: no clipping
+    scaler: torch.amp.GradScaler | None = None  # made from amp_dtype when not given
+
+    def __post_init__(self) -> None:
+        if self.scaler is None:
+            # fp16's narrow exponent flushes small gradients to zero: scale the loss up before backward
+            # and the gradients down before the step (skipping steps whose gradients overflowed).
+            # Disabled, the scaler passes everything through, so there is one code path.
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+
+def train_step(step: Step, batch: Sequence, sums: EpochSums | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on `batch` = (images, labels[, partner labels, weight]); returns the
+    batch's loss and accuracy as detached 0-dim tensors and adds them to `sums` (no host sync).
+
+    A mixup/cutmix batch carries partners; accuracy is then against `labels`, the majority of each image."""
+    images, labels, *mix = batch
+    images, labels = images.to(step.device, non_blocking=True), labels.to(step.device, non_blocking=True)
+    with autocast(step.device, step.amp_dtype):
+        output = step.model(images)
+        loss = mixed_cross_entropy(output, labels, *mix, label_smoothing=step.label_smoothing)
+    step.optimizer.zero_grad(set_to_none=True)
+    step.scaler.scale(loss).backward()
+    if step.clip_grad > 0:
+        step.scaler.unscale_(step.optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(step.model.parameters(), step.clip_grad)
+    step.scaler.step(step.optimizer)
+    step.scaler.update()
+    if step.scheduler is not None:
+        step.scheduler.step()
+    if step.ema is not None:
+        step.ema.update(step.model)
+    loss, accuracy = loss.detach().float(), (output.detach().argmax(dim=1) == labels).float().mean()
+    if sums is not None:
+        sums.add(loss, accuracy)
+    return loss, accuracy
+
+
+def train_one_epoch(step: Step, loader: Iterable, sums: EpochSums | None = None) -> EpochSums:
+    """One pass over `loader`; returns the epoch's sums (`sums` continues an epoch resumed part-way)."""
+    sums = sums if sums is not None else EpochSums.zeros(step.device, step.optimizer.param_groups[0]["lr"])
+    step.model.train()
+    for batch in loader:
+        train_step(step, batch, sums)
+    return sums
 
 
 def _shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -124,6 +140,27 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
                       n=n, predictions=predictions, targets=targets_t, probabilities=log_probs.exp())
 
 
+# --- the notebook's API, over the same step -------------------------------------------------------
+
+def _logged_steps(step: Step, loader: Iterable, epoch: int,
+                  log_interval: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    step.model.train()
+    for batch_idx, batch in enumerate(loader):
+        loss, accuracy = train_step(step, batch)
+        if log_interval and batch_idx % log_interval == 0:  # the print reads the values: a sync, as asked
+            print(f"Train Epoch: {epoch} [{batch_idx}/{len(loader)}]\tLoss: {loss.item():.6f}"
+                  f"\tAccuracy: {accuracy.item():.2f}")
+        yield loss, accuracy
+
+
+def train(model: nn.Module, device: torch.device, train_loader: Iterable, optimizer: torch.optim.Optimizer,
+          epoch: int = 0, log_interval: int | None = None, **options) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The notebook's training loop: one epoch, yielding (loss, accuracy) of each batch as detached
+    0-dim tensors. `options` are `Step`'s fields (scheduler, ema, amp_dtype, label_smoothing, clip_grad);
+    `log_interval` prints every N batches as the notebook did."""
+    yield from _logged_steps(Step(model, optimizer, device, **options), train_loader, epoch, log_interval)
+
+
 def test(model: nn.Module, device: torch.device, test_loader: Iterable,
          amp_dtype: torch.dtype | None = None) -> Iterator[tuple[float, float]]:
     """The notebook's test loop: prints a summary and yields one (average loss, accuracy)."""
@@ -133,115 +170,29 @@ def test(model: nn.Module, device: torch.device, test_loader: Iterable,
     yield result.loss, result.accuracy
 
 
-@dataclass
-class EpochSums:
-    """An epoch's running sums, on the device: what a mid-epoch checkpoint keeps to finish the epoch's
-    means exactly. `bad_batch` is the first batch (1-based) whose loss was NaN or inf, 0 while none
-    was; it is updated on the device (no sync) and read only where the trainer checkpoints."""
-
-    loss: torch.Tensor
-    acc: torch.Tensor
-    bad_batch: torch.Tensor
-    batches: int = 0
-    lr: float = 0.0  # the learning rate when the epoch began (the epoch's metrics row reports it)
-
-    @classmethod
-    def zeros(cls, device: torch.device, lr: float = 0.0) -> "EpochSums":
-        return cls(torch.zeros((), device=device), torch.zeros((), device=device),
-                   torch.zeros((), device=device, dtype=torch.long), 0, lr)
-
-    def add(self, loss: torch.Tensor, accuracy: torch.Tensor) -> None:
-        self.loss += loss
-        self.acc += accuracy
-        self.batches += 1
-        self.bad_batch.masked_fill_((self.bad_batch == 0) & ~torch.isfinite(loss), self.batches)
-
-
-def train_one_epoch(model: nn.Module, device: torch.device, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    *, scheduler=None, amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0,
-                    clip_grad: float = 0.0,
-                    log_interval: int | None = None, on_batch=None, sums: EpochSums | None = None,
-                    on_step=None) -> tuple[float, float]:
-    """Mean training loss and accuracy over one epoch; sums stay on the device until the end.
-
-    `on_batch(batch_idx, loss)` is called after each step (the progress bar uses it), then
-    `on_step(sums)` (the trainer checkpoints from it). `sums` continues an epoch resumed part-way;
-    it is updated in place.
-    """
-    sums = sums if sums is not None else EpochSums.zeros(device)
-    for loss, accuracy in train(model, device, loader, optimizer, log_interval=log_interval, scheduler=scheduler,
-                                amp_dtype=amp_dtype, label_smoothing=label_smoothing, clip_grad=clip_grad):
-        sums.add(loss, accuracy)
-        if on_batch is not None:
-            on_batch(sums.batches, loss)
-        if on_step is not None:
-            on_step(sums)
-    return sums.loss.item() / max(sums.batches, 1), sums.acc.item() / max(sums.batches, 1)
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val_loss: float | None
-    val_acc: float | None
-    lr: float
-    seconds: float  # wall time of this epoch's training and evaluation
-
-
-@dataclass
-class History:
-    records: list[EpochRecord] = field(default_factory=list)
-
-    def column(self, name: str) -> list[float]:
-        return [getattr(r, name) for r in self.records]
-
-
-def fit_epochs(model: nn.Module, optimizer: torch.optim.Optimizer, n_epochs: int, device: torch.device,
-               train_loader: Iterable, val_loader: Iterable | None, *, scheduler=None,
-               amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0, clip_grad: float = 0.0,
-               eval_model: nn.Module | None = None, first_epoch: int = 1,
-               log_interval: int | None = None, on_batch=None, on_step=None,
-               resume_sums: EpochSums | None = None, on_eval=None) -> Iterator[EpochRecord]:
-    """Train and validate epoch by epoch, yielding one record per epoch (the caller logs and saves).
-
-    `on_step(epoch, sums)` is called after every step; `resume_sums` continues `first_epoch` part-way.
-    `eval_model` is what validation evaluates (default `model`): the weight EMA, or the model a DDP
-    wrapper holds.
-    """
-    for epoch in range(first_epoch, n_epochs + 1):
-        start = time.perf_counter()
-        sums = (resume_sums if resume_sums is not None and epoch == first_epoch
-                else EpochSums.zeros(device, optimizer.param_groups[0]["lr"]))
-        lr = sums.lr
-        step_hook = (lambda s, e=epoch: on_step(e, s)) if on_step is not None else None
-        train_loss, train_acc = train_one_epoch(model, device, train_loader, optimizer, scheduler=scheduler,
-                                                amp_dtype=amp_dtype, label_smoothing=label_smoothing,
-                                                clip_grad=clip_grad,
-                                                log_interval=log_interval, on_batch=on_batch, sums=sums,
-                                                on_step=step_hook)
-        val = (evaluate(eval_model if eval_model is not None else model, val_loader, device, amp_dtype)
-               if val_loader is not None else None)
-        if val is not None and on_eval is not None:
-            on_eval(val)  # the full EvalResult (predictions, probabilities): the trainer's end-of-run views
-        yield EpochRecord(epoch, train_loss, train_acc, val.loss if val else None, val.accuracy if val else None,
-                          lr, time.perf_counter() - start)
-
-
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, n_epochs: int, device: torch.device,
-        train_loader: Iterable, test_loader: Iterable | None, log_interval: int | None = None, *,
-        plot: bool = True, **kwargs) -> History:
-    """The notebook's `fit`: train for `n_epochs`, print each epoch, draw loss and accuracy curves."""
-    history = History()
-    for record in fit_epochs(model, optimizer, n_epochs, device, train_loader, test_loader,
-                             log_interval=log_interval, **kwargs):
+        train_loader: Iterable, test_loader: Iterable | None, log_interval: int | None = None,
+        **options) -> History:
+    """The notebook's `fit`: train for `n_epochs`, print each epoch, draw the notebook's curves
+    (training loss and accuracy per batch, validation per epoch). `options` are `Step`'s fields; with
+    `ema=WeightEMA(model, decay)` the average is updated every step and is what validation evaluates."""
+    step = Step(model, optimizer, device, **options)
+    history, per_batch = History(), []
+    for epoch in range(1, n_epochs + 1):
+        started, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        batches = torch.stack([torch.stack(pair) for pair in _logged_steps(step, train_loader, epoch, log_interval)])
+        per_batch.append(batches)
+        train_loss, train_acc = batches.mean(dim=0).tolist()
+        val = (evaluate(step.ema.module if step.ema is not None else model, test_loader, device, step.amp_dtype)
+               if test_loader is not None else None)
+        record = EpochRecord(epoch, train_loss, train_acc, val.loss if val else None, val.accuracy if val else None,
+                             lr, time.perf_counter() - started)
         history.records.append(record)
-        val = f", val loss {record.val_loss:.4f}, val acc {record.val_acc:.4f}" if record.val_acc is not None else ""
-        print(f"epoch {record.epoch}/{n_epochs}: train loss {record.train_loss:.4f}, "
-              f"train acc {record.train_acc:.4f}{val} ({record.seconds:.1f} s)")
-    if plot:
-        from cifarlab.plots import plot_history
+        shown = f", val loss {record.val_loss:.4f}, val acc {record.val_acc:.4f}" if val is not None else ""
+        print(f"epoch {epoch}/{n_epochs}: train loss {train_loss:.4f}, train acc {train_acc:.4f}{shown} "
+              f"({record.seconds:.1f} s)")
+    history.batch_loss, history.batch_acc = torch.cat(per_batch).T.tolist() if per_batch else ([], [])
+    from cifarlab.plots import plot_history
 
-        plot_history(history, n_epochs)
+    plot_history(history, n_epochs)
     return history

@@ -1,14 +1,20 @@
-"""Evaluate a saved model on a data split: what `cifarlab eval` prints."""
+"""Evaluate a saved model on a data split (what `cifarlab eval` prints), and the evaluation views
+(eval.json and its pictures) that `eval --out` and the end of `train` both write, so the two agree."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-from cifarlab.checkpoint import load_model, resolve_model_path
+import torch
+
 from cifarlab.data import TensorLoader, load_data
 from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
 from cifarlab.engine import evaluate
 from cifarlab.errors import CifarlabError
-from cifarlab.views import write_eval_views
+from cifarlab.metrics import summarize
+from cifarlab.plots import draw_confusion_matrix, draw_reliability, draw_worst_mistakes
+from cifarlab.records import EvalResult
+from cifarlab.rundir import EVAL_JSON, load_model, resolve_model_path, save_figure, write_json
 
 TTA_VIEWS = {1: 2, 2: 6}  # --tta level -> views averaged (the image and its mirror; plus 1-px shifts)
 
@@ -40,7 +46,7 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
         raise CifarlabError(f"{bundle.source}: its classes {bundle.classes} do not match the model's {info.classes}")
     split = split or bundle.eval_split or "train"
     images = bundle.split(split)
-    loader = TensorLoader(images, batch_size, torch_device, info.mean, info.std)
+    loader = TensorLoader(images, batch_size, torch_device, (info.mean, info.std))
     amp_dtype = autocast_dtype(torch_device, config.get("precision", "auto"))
     result = evaluate(model, loader, torch_device, amp_dtype)
     per_class = result.per_class_accuracy(len(info.classes))
@@ -63,3 +69,26 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
                       per_class={name: {"precision": v["precision"], "recall": v["recall"]}
                                  for name, v in views["per_class"].items()})
     return report
+
+
+# file name -> how to draw it from (summary, images, classes); one table, no if/elif chain
+EVAL_VIEWS: dict[str, Callable[[dict, torch.Tensor, list[str]], object]] = {
+    "confusion_matrix.png": lambda s, images, classes: draw_confusion_matrix(s["confusion_matrix"], classes),
+    "worst_mistakes.png": lambda s, images, classes: draw_worst_mistakes(images, s["worst_mistakes"]),
+    "reliability.png": lambda s, images, classes: draw_reliability(s["calibration_bins"], s["ece"]),
+}
+
+
+def write_eval_views(out_dir: Path, result: EvalResult, images: torch.Tensor, classes: list[str],
+                     extra: dict | None = None) -> dict:
+    """Write eval.json and the evaluation pictures for `result` (on `images`, in loader order) into out_dir.
+
+    `extra` (split, data, TTA figures...) is merged into eval.json. Returns what eval.json holds.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {**(extra or {}), "loss": result.loss,
+               **summarize(result.predictions, result.targets, result.probabilities, classes)}
+    for name, draw in EVAL_VIEWS.items():
+        save_figure(draw(summary, images.cpu(), classes), out_dir / name)
+    write_json(out_dir / EVAL_JSON, summary)
+    return summary

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cifarlab.checkpoint import ModelInfo, load_model, resolve_model_path
+from cifarlab.rundir import ModelInfo, atomic_file, load_model, resolve_model_path
 from cifarlab.errors import CifarlabError, unknown_name
 from cifarlab.models import create_model
 
@@ -153,17 +152,12 @@ def export_model(model_path: Path, fmt: str, out: Path | None = None, seed: int 
     path = Path(out) if out is not None else default_path(model_path, fmt)
     if path.exists() and path.resolve() == resolve_model_path(model_path).resolve():
         raise CifarlabError(f"--out {path}: that is the checkpoint being exported")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:  # checked before it takes the name: a failed check leaves nothing
         spec.write(wrapped, info, images[:2], tmp)
         difference = float((spec.run(tmp, info, images) - wrapped(images)).abs().max())
         if not difference <= spec.tolerance:  # `not <=` also catches NaN
             raise CifarlabError(f"export {fmt}: outputs differ from the PyTorch model by {difference:.3g} "
                                 f"(tolerance {spec.tolerance:g}); nothing written")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"path": str(path), "format": fmt, "max_abs_diff": difference, "tolerance": spec.tolerance,
             "checked_images": CHECK_IMAGES, "input": f"float32 RGB 0..1 [N, 3, {info.image_size}, {info.image_size}]"
             + (" (normalise first: see metadata)" if fmt == "safetensors" else ""),

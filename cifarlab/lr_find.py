@@ -15,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from cifarlab.build import build_run, local_runtime
 from cifarlab.config import TrainConfig
-from cifarlab.data import channel_stats, load_data
-from cifarlab.device import autocast, autocast_dtype, pick_device, set_cpu_threads
+from cifarlab.data import load_data
+from cifarlab.engine import train_step
 from cifarlab.errors import CifarlabError
-from cifarlab.models import create_model
-from cifarlab.optim import build_optimizer
-from cifarlab.trainer import make_loaders  # the same batches and augmentation as `train`
+from cifarlab.plots import draw_lr_find
+from cifarlab.rundir import save_figure
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected (fastai's choice)
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this many times its best value
@@ -59,43 +58,31 @@ def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 5, skip_e
 
 
 def lr_range_test(config: TrainConfig, steps: int = 200, start_lr: float = 1e-7, end_lr: float = 10.0) -> LRFindResult:
-    """Run the sweep on the recipe's data, model and optimizer (its schedule is replaced by the sweep)."""
+    """Run the sweep on the run `train` would build from `config` (the same data-dependent init,
+    layout, parameter groups and optimizer), its schedule replaced by the sweep. Every group's rate
+    grows by the same factor, so their ratios (`bias_lr_scale`) stay as in training."""
     if not (0 < start_lr < end_lr):
         raise CifarlabError(f"--start-lr {start_lr} / --end-lr {end_lr}: need 0 < start < end")
     if steps < 10:
         raise CifarlabError(f"--steps {steps}: must be 10 or more")
-    config = dataclasses.replace(config, lr=start_lr).validate()
-    device = pick_device(config.device)
-    amp_dtype = autocast_dtype(device, config.precision)
-    if device.type == "cpu":
-        set_cpu_threads()
+    config = dataclasses.replace(config, lr=start_lr, schedule="constant", warmup_epochs=0.0).validate()
+    runtime = local_runtime(config)
     torch.manual_seed(config.seed)
     bundle = load_data(config.data, config.dataset, config.val_split, config.seed, config.image_size)
-    mean, std = channel_stats(bundle.train.images)
-    model_args = {**config.model_args, "num_classes": len(bundle.classes)}
-    if config.image_size != 32:
-        model_args["image_size"] = config.image_size
-    model = create_model(config.model, **model_args).to(device, memory_format=torch.channels_last).train()
-    loader, _ = make_loaders(bundle, config, device, mean, std)
-    optimizer = build_optimizer(model, config)
+    run = build_run(config, bundle, runtime)
     factor = (end_lr / start_lr) ** (1 / (steps - 1))
+    run.step.scheduler = torch.optim.lr_scheduler.ExponentialLR(run.step.optimizer, gamma=factor)
+    run.step.model.train()
     lrs, losses = [], []
     best, stopped_early, average = math.inf, False, 0.0
     while len(lrs) < steps and not stopped_early:
-        for images, labels, *_ in loader:  # as many passes as the steps need (mixup partners unused)
-            lr = start_lr * factor ** len(lrs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, amp_dtype):
-                loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for batch in run.train_loader:  # as many passes as the steps need
+            lrs.append(run.step.optimizer.param_groups[0]["lr"])
+            loss, _ = train_step(run.step, batch)
             value = loss.item()  # one sync per step is the point here: every step's loss is the result
-            lrs.append(lr)
             losses.append(value)
             average = SMOOTHING * average + (1 - SMOOTHING) * value
-            current = average / (1 - SMOOTHING ** len(losses))
+            current = average / (1 - SMOOTHING ** len(losses))  # bias-corrected, as `smooth`
             best = min(best, current)
             if not math.isfinite(value) or current > DIVERGED * best:
                 stopped_early = True
@@ -110,22 +97,4 @@ def lr_range_test(config: TrainConfig, steps: int = 200, start_lr: float = 1e-7,
 
 def save_lr_plot(result: LRFindResult, path: Path) -> None:
     """Loss against learning rate (log axis), raw and smoothed, with the suggestion marked."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = figure.subplots()
-    ax.plot(result.lrs, result.losses, alpha=0.3, label="loss")
-    ax.plot(result.lrs, result.smoothed, label="smoothed loss")
-    if result.suggestion is not None:
-        ax.axvline(result.suggestion, color="tab:red", linestyle="--",
-                   label=f"suggested lr {result.suggestion:.2g} (steepest descent)")
-    finite = [v for v in result.smoothed if math.isfinite(v)]
-    if finite:  # keep the divergence from squashing the interesting part
-        ax.set_ylim(min(finite) * 0.95, min(max(finite), 4 * min(finite)) * 1.05)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss")
-    ax.set_title("Learning-rate range test")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    figure.savefig(path, dpi=100)
+    save_figure(draw_lr_find(result.lrs, result.losses, result.smoothed, result.suggestion), path)

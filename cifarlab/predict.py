@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cifarlab.checkpoint import load_model
+from cifarlab.rundir import load_model
 from cifarlab.data import ImageSet, TensorLoader
 from cifarlab.data.sources import decode_image  # one decoding rule for training, eval and predict
 from cifarlab.device import autocast, autocast_dtype, pick_device, set_cpu_threads
@@ -45,7 +45,7 @@ def predict_files(model_path: Path, paths: list[Path], top_k: int = 3, device: s
     amp_dtype = autocast_dtype(torch_device, info.config.get("precision", "auto"))  # as eval runs it
     with autocast(torch_device, amp_dtype):
         log_probs = torch.cat([tta_log_probs(model, batch, tta).float().cpu()
-                               for batch, _ in TensorLoader(dummy, batch_size, torch_device, info.mean, info.std)])
+                               for batch, _ in TensorLoader(dummy, batch_size, torch_device, (info.mean, info.std))])
     top_p, top_i = log_probs.exp().topk(k, dim=1)
     results = []
     for path, probs, index in zip(paths, top_p.tolist(), top_i.tolist()):

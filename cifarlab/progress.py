@@ -13,7 +13,7 @@ from typing import TextIO
 
 import torch
 
-from cifarlab.engine import EpochRecord
+from cifarlab.records import EpochRecord
 
 
 def format_epoch(record: EpochRecord, n_epochs: int, split: str | None) -> str:

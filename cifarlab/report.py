@@ -15,13 +15,13 @@ import csv
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 from cifarlab.errors import CifarlabError
-from cifarlab.views import EVAL_DIR, EVAL_JSON, draw_generalisation_gap
+from cifarlab.plots import draw_generalisation_gap
+from cifarlab.rundir import (CONFIG_FILE, CURVES_FILE, EVAL_DIR, EVAL_JSON, METRICS_FILE, REPORT_FILE, SUMMARY_FILE,
+                             write_text)
 
-REPORT_FILE = "report.html"
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 STYLE = """
@@ -43,17 +43,17 @@ window.addEventListener("load", function () {
 """
 
 
-def _png_tag(data: bytes, alt: str) -> str:
+def png_tag(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def _figure_png(figure) -> bytes:
+def figure_png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
 
 
-def _table(rows: list[list], header: list[str] | None = None) -> str:
+def html_table(rows: list[list], header: list[str] | None = None) -> str:
     def cell(value, tag: str = "td") -> str:
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         return f'<{tag}{" class=num" if numeric else ""}>{html.escape(str(value))}</{tag}>'
@@ -83,15 +83,15 @@ def _summary_section(run: dict) -> str:
     rows += [[f"{name} version", version] for name, version in s.get("versions", {}).items()]
     config_rows = [[key, json.dumps(value) if isinstance(value, (dict, list)) else value]
                    for key, value in config.items()]
-    return (f"<h2>Run</h2>{headline}<div class=row><div><h3>Timing and throughput</h3>{_table(rows)}</div>"
-            f"<div><h3>Config</h3>{_table(config_rows)}</div></div>")
+    return (f"<h2>Run</h2>{headline}<div class=row><div><h3>Timing and throughput</h3>{html_table(rows)}</div>"
+            f"<div><h3>Config</h3>{html_table(config_rows)}</div></div>")
 
 
 def _curves_section(run: dict) -> str:
-    curves = run["dir"] / "curves.png"
+    curves = run["dir"] / CURVES_FILE
     if not curves.exists():
-        return "<h2>Learning curves</h2><p class=muted>no curves.png in this run folder</p>"
-    return f"<h2>Learning curves</h2>{_png_tag(curves.read_bytes(), 'learning curves')}"
+        return f"<h2>Learning curves</h2><p class=muted>no {CURVES_FILE} in this run folder</p>"
+    return f"<h2>Learning curves</h2>{png_tag(curves.read_bytes(), 'learning curves')}"
 
 
 def _gap_section(run: dict) -> str:
@@ -101,12 +101,12 @@ def _gap_section(run: dict) -> str:
     epochs = [int(r["epoch"]) for r in rows]
     train, val = [float(r["train_acc"]) for r in rows], [float(r["val_acc"]) for r in rows]
     figure = draw_generalisation_gap(epochs, train, val)
-    table = _table([[e, _pct(t), _pct(v), f"{100 * (t - v):+.2f}"] for e, t, v in zip(epochs, train, val)],
-                   ["epoch", "train accuracy", "validation accuracy", "gap (points)"])
+    table = html_table([[e, _pct(t), _pct(v), f"{100 * (t - v):+.2f}"] for e, t, v in zip(epochs, train, val)],
+                       ["epoch", "train accuracy", "validation accuracy", "gap (points)"])
     note = ("<p>Train accuracy is measured on augmented images while the weights still change during the "
             "epoch; validation accuracy on plain held-out images at the epoch's end. A gap that keeps widening "
             "while validation accuracy stalls is overfitting.</p>")
-    return f"<h2>Generalisation gap</h2>{_png_tag(_figure_png(figure), 'generalisation gap')}{note}{table}"
+    return f"<h2>Generalisation gap</h2>{png_tag(figure_png(figure), 'generalisation gap')}{note}{table}"
 
 
 def _eval_section(run: dict) -> str:
@@ -121,11 +121,11 @@ def _eval_section(run: dict) -> str:
         t = ev["tta"]
         lines.append(f"test-time augmentation ({t['views']} views): {_pct(t['accuracy'])}, "
                      f"gain {100 * t['gain']:+.2f} points (views below show the TTA predictions)")
-    per_class = _table([[name, _pct(v["accuracy"]), _pct(v["precision"]), _pct(v["recall"]), v["support"]]
-                        for name, v in ev["per_class"].items()],
-                       ["class", "accuracy", "precision", "recall", "images"])
+    per_class = html_table([[name, _pct(v["accuracy"]), _pct(v["precision"]), _pct(v["recall"]), v["support"]]
+                            for name, v in ev["per_class"].items()],
+                           ["class", "accuracy", "precision", "recall", "images"])
     pictures = {name: folder / name for name in ("confusion_matrix.png", "reliability.png", "worst_mistakes.png")}
-    tag = lambda name, alt: _png_tag(pictures[name].read_bytes(), alt) if pictures[name].exists() else ""  # noqa: E731
+    tag = lambda name, alt: png_tag(pictures[name].read_bytes(), alt) if pictures[name].exists() else ""  # noqa: E731
     return (f"<h2>Evaluation</h2><p class=headline>{'<br>'.join(lines)}</p>"
             f"<div class=row><div><h3>Per class</h3>{per_class}</div>"
             f"<div><h3>Confusion matrix</h3>{tag('confusion_matrix.png', 'confusion matrix')}</div></div>"
@@ -137,12 +137,12 @@ SECTIONS = [_summary_section, _curves_section, _gap_section, _eval_section]
 
 
 def load_run(run_dir: Path) -> dict:
-    if not run_dir.is_dir() or not (run_dir / "config.json").exists():
-        raise CifarlabError(f"{run_dir}: not a run folder (no config.json)")
-    metrics_path = run_dir / "metrics.csv"
+    if not run_dir.is_dir() or not (run_dir / CONFIG_FILE).exists():
+        raise CifarlabError(f"{run_dir}: not a run folder (no {CONFIG_FILE})")
+    metrics_path = run_dir / METRICS_FILE
     metrics = list(csv.DictReader(metrics_path.open())) if metrics_path.exists() else []
-    return {"dir": run_dir, "config": _read_json(run_dir / "config.json"),
-            "summary": _read_json(run_dir / "summary.json"), "metrics": metrics,
+    return {"dir": run_dir, "config": _read_json(run_dir / CONFIG_FILE),
+            "summary": _read_json(run_dir / SUMMARY_FILE), "metrics": metrics,
             "eval": _read_json(run_dir / EVAL_DIR / EVAL_JSON)}
 
 
@@ -160,8 +160,5 @@ def render_report(run_dir: Path) -> str:
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write report.html (into the run folder unless `out` says where) and return its path."""
     path = Path(out) if out is not None else run_dir / REPORT_FILE
-    text = render_report(run_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, render_report(run_dir))
     return path

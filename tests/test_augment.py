@@ -58,8 +58,8 @@ def test_mixed_loss_is_cross_entropy_with_mixed_soft_labels() -> None:
 def test_loader_with_extras_is_reproducible_and_resumes_exactly() -> None:
     data = ImageSet(torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8), torch.arange(40) % 4, list("abcd"))
     augment = Augment(translate=2, randaugment=1, cutout=4, mixup=0.2, cutmix=1.0)
-    make = lambda: TensorLoader(data, 8, torch.device("cpu"), [0.5] * 3, [0.25] * 3, shuffle=True,  # noqa: E731
-                                augment=augment, drop_last=True, seed=2)
+    make = lambda: TensorLoader(data, 8, torch.device("cpu"), ([0.5] * 3, [0.25] * 3), shuffle=True,  # noqa: E731
+                                augment=augment, seed=2)
     first, second = list(make()), list(make())
     assert all(len(batch) == 4 for batch in first)  # (images, labels, partner labels, weight)
     assert all(torch.equal(x[0], y[0]) and x[3] == y[3] for x, y in zip(first, second))

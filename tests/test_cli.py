@@ -159,3 +159,25 @@ def test_help_explains_the_commands() -> None:
     for flag in ("--data", "--dataset", "--recipe", "--model", "--epochs", "--batch-size", "--lr", "--val-split",
                  "--seed", "--device", "--out"):
         assert flag in result.stdout
+
+
+def test_a_training_step_is_three_cifarlab_frames_below_the_command(image_root: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """From the `train` handler to optimizer.step(): run_training -> train_epochs -> train_step, no more."""
+    import inspect
+
+    import cifarlab
+
+    package = str(Path(cifarlab.__file__).parent)
+    stacks = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        stacks.append([f.function for f in inspect.stack() if f.filename.startswith(package)])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    assert main(["train", "--data", str(image_root), *TINY, "--out", str(tmp_path / "run")]) == 0
+    assert stacks
+    below_handler = stacks[0][:stacks[0].index("_train_command")]
+    assert below_handler == ["train_step", "train_epochs", "run_training"]

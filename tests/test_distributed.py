@@ -46,9 +46,8 @@ def test_rank_shards_are_disjoint_and_together_are_the_one_process_batch() -> No
     images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8)
     data = ImageSet(images, torch.arange(n), [str(i) for i in range(n)])
     mean, std = [0.5] * 3, [0.25] * 3
-    loader = lambda rank, world: TensorLoader(data, 8, torch.device("cpu"), mean, std, shuffle=True,  # noqa: E731
-                                              augment=Augment(translate=2), drop_last=True, seed=5, rank=rank,
-                                              world=world)
+    loader = lambda rank, world: TensorLoader(data, 8, torch.device("cpu"), (mean, std), shuffle=True,  # noqa: E731
+                                              augment=Augment(translate=2), seed=5, shard=(rank, world))
     single, rank0, rank1 = (list(loader(r, w)) for r, w in ((0, 1), (0, 2), (1, 2)))
     assert len(single) == len(rank0) == len(rank1) == 5
     for (x, y), (x0, y0), (x1, y1) in zip(single, rank0, rank1):
@@ -118,8 +117,7 @@ from cifarlab import cli, trainer
 if os.environ["RANK"] == "1":
     def fail(*args, **kwargs):
         raise RuntimeError("injected failure on rank 1")
-        yield
-    trainer.fit_epochs = fail
+    trainer.train_step = fail
 sys.exit(cli.main(sys.argv[1:]))
 """
 

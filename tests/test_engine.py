@@ -8,7 +8,8 @@ import torch  # noqa: E402
 import cifarlab  # noqa: E402  (its `test` would be collected by pytest if imported by name)
 from cifarlab import CIFAR10CNN, TensorLoader, fit, plot_metric_curve  # noqa: E402
 from cifarlab.data import ImageSet  # noqa: E402
-from cifarlab.engine import evaluate, train_one_epoch  # noqa: E402
+from cifarlab.ema import WeightEMA  # noqa: E402
+from cifarlab.engine import Step, evaluate, train_one_epoch, train_step  # noqa: E402
 
 
 def _separable_loader(n: int = 256, batch_size: int = 32, shuffle: bool = True) -> TensorLoader:
@@ -17,7 +18,7 @@ def _separable_loader(n: int = 256, batch_size: int = 32, shuffle: bool = True) 
     labels = torch.arange(n) % 2
     images = (torch.rand(n, 3, 32, 32, generator=generator) * 100 + labels.view(-1, 1, 1, 1) * 150).to(torch.uint8)
     data = ImageSet(images, labels, ["dark", "bright"])
-    return TensorLoader(data, batch_size, torch.device("cpu"), [0.5] * 3, [0.3] * 3, shuffle=shuffle)
+    return TensorLoader(data, batch_size, torch.device("cpu"), ([0.5] * 3, [0.3] * 3), shuffle=shuffle)
 
 
 def _model() -> CIFAR10CNN:
@@ -42,16 +43,19 @@ def test_train_never_reads_values_per_batch(monkeypatch) -> None:
     monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or real_item(self))
     model, loader = _model(), _separable_loader()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)  # Adam on CPU reads its step count itself
-    train_one_epoch(model, torch.device("cpu"), loader, optimizer)
-    assert len(calls) <= 2  # the loss and accuracy sums, once
+    sums = train_one_epoch(Step(model, optimizer, torch.device("cpu")), loader)
+    assert sums.batches == len(loader) and not calls
+    sums.means()
+    assert len(calls) == 2  # the loss and accuracy sums, once
 
 
 def test_fit_learns_and_returns_history(capsys) -> None:
     model, loader = _model(), _separable_loader()
     val = _separable_loader(shuffle=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    history = fit(model, optimizer, 3, torch.device("cpu"), loader, val, plot=True)
+    history = fit(model, optimizer, 3, torch.device("cpu"), loader, val)
     assert [r.epoch for r in history.records] == [1, 2, 3]
+    assert len(history.batch_loss) == len(history.batch_acc) == 3 * len(loader)  # the notebook's per-batch curve
     assert history.records[-1].val_acc > 0.95
     assert history.records[-1].train_loss < history.records[0].train_loss
     assert "epoch 3/3" in capsys.readouterr().out
@@ -72,3 +76,39 @@ def test_plot_metric_curve_draws_both_lines() -> None:
     ax = plot_metric_curve([1.0, 0.8, 0.6], [0.9, 0.7, 0.65], 3, "Loss", show=False)
     assert [line.get_label() for line in ax.get_lines()] == ["train", "validation"]
     plt.close("all")
+
+
+def test_fit_with_an_ema_evaluates_an_average_that_moved() -> None:
+    model, loader = _model(), _separable_loader()
+    ema = WeightEMA(model, 0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    evaluated = []
+    real_evaluate = cifarlab.engine.evaluate
+    cifarlab.engine.evaluate = lambda m, *a, **k: evaluated.append(m) or real_evaluate(m, *a, **k)
+    try:
+        history = fit(model, torch.optim.Adam(model.parameters(), lr=3e-3), 2, torch.device("cpu"), loader,
+                      _separable_loader(shuffle=False), ema=ema)
+    finally:
+        cifarlab.engine.evaluate = real_evaluate
+    assert evaluated and all(m is ema.module for m in evaluated)
+    assert ema.updates == 2 * len(loader)
+    moved = [k for k, v in ema.module.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert moved and history.records[-1].val_acc > 0.9
+
+
+def test_fp16_training_scales_the_loss_and_unscales_before_clipping() -> None:
+    model, loader = _model(), _separable_loader()
+    step = Step(model, torch.optim.SGD(model.parameters(), lr=1e-2), torch.device("cpu"), amp_dtype=torch.float16,
+                clip_grad=1.0)
+    assert step.scaler.is_enabled()
+    assert not Step(model, step.optimizer, torch.device("cpu"), amp_dtype=torch.bfloat16).scaler.is_enabled()
+    scaled, unscaled = [], []
+    real_scale, real_unscale = step.scaler.scale, step.scaler.unscale_
+    step.scaler.scale = lambda loss: scaled.append(1) or real_scale(loss)
+    step.scaler.unscale_ = lambda optimizer: unscaled.append(1) or real_unscale(optimizer)
+    before = [p.clone() for p in model.parameters()]
+    for batch in loader:
+        loss, _ = train_step(step, batch)
+    assert len(scaled) == len(unscaled) == len(loader)
+    assert torch.isfinite(loss) and step.scaler.get_scale() > 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

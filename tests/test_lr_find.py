@@ -54,3 +54,44 @@ def test_lr_find_rejects_a_backwards_range(tmp_path: Path, image_folder_writer, 
     image_folder_writer(tmp_path / "images", {"cat": 3, "dog": 3})
     assert main(["lr-find", "--data", str(tmp_path / "images"), "--start-lr", "1", "--end-lr", "0.1"]) == 2
     assert "need 0 < start < end" in capsys.readouterr().err
+
+
+def test_lr_find_on_fast75_sweeps_the_whitened_network_with_training_parameter_groups(
+        tmp_path: Path, image_folder_writer, monkeypatch) -> None:
+    """lr-find builds its run with `build_run`, as `train` does: the whitening stem is fitted to the data
+    (not left random), the layout is the recipe's, and every group's rate keeps its training ratio."""
+    import dataclasses
+
+    import torch
+
+    from cifarlab import lr_find
+    from cifarlab.build import build_run, local_runtime
+    from cifarlab.config import recipe
+    from cifarlab.data import load_data
+    from cifarlab.models import create_model
+
+    image_folder_writer(tmp_path / "images", {name: 12 for name in ("cat", "dog", "frog")})
+    config = dataclasses.replace(recipe("fast75"), data=str(tmp_path / "images"), val_split=0, batch_size=8,
+                                 model_args={"widths": [8, 8, 8]})
+    seen = []
+    real_step = lr_find.train_step
+
+    def spy(step, batch, sums=None):
+        if not seen:
+            seen.append((step.model.whiten.weight.clone(), step.model.whiten.weight.is_contiguous(),
+                         [group["lr"] for group in step.optimizer.param_groups]))
+        seen.append([group["lr"] for group in step.optimizer.param_groups])
+        return real_step(step, batch, sums)
+
+    monkeypatch.setattr(lr_find, "train_step", spy)
+    result = lr_find.lr_range_test(config, steps=12, start_lr=1e-4, end_lr=1e-1)
+    whiten, contiguous, first_lrs = seen[0]
+
+    trained = build_run(dataclasses.replace(config, lr=1e-4), load_data(config.data, val_split=0), local_runtime(config))
+    assert torch.equal(whiten, trained.model.whiten.weight)  # the same data-dependent init as training
+    assert not torch.equal(whiten, create_model("fast_net", widths=[8, 8, 8], num_classes=3).whiten.weight)
+    assert contiguous and not config.channels_last  # the recipe's NCHW layout, not a forced channels_last
+    assert first_lrs == [group["initial_lr"] for group in trained.step.optimizer.param_groups]  # before warm-up
+    for lrs in seen[1:]:
+        assert lrs[1] / lrs[0] == pytest.approx(config.bias_lr_scale)  # the groups' ratio survives the sweep
+    assert result.lrs[0] == pytest.approx(1e-4) and result.lrs[-1] == pytest.approx(1e-1)

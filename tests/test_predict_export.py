@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarlab.checkpoint import ModelInfo, load_model, save_model
+from cifarlab.rundir import ModelInfo, load_model, save_model
 from cifarlab.cli import main
 from cifarlab.data import TensorLoader, load_data
+from cifarlab.device import autocast_dtype
 from cifarlab.engine import evaluate
 from cifarlab.models import create_model
 
@@ -52,8 +53,9 @@ def test_predict_labels_real_images_as_eval_does(real_run, capsys) -> None:
 
     model, info = load_model(run)
     bundle = load_data(str(unseen), val_split=0)  # the same files as a data source, evaluated whole
-    expected = evaluate(model, TensorLoader(bundle.train, 64, torch.device("cpu"), info.mean, info.std),
-                        torch.device("cpu"))
+    cpu = torch.device("cpu")  # in the precision the run trained in, as predict and eval use it
+    expected = evaluate(model, TensorLoader(bundle.train, 64, cpu, (info.mean, info.std)), cpu,
+                        autocast_dtype(cpu, info.config["precision"]))
     assert [r["label"] for r in results] == [info.classes[i] for i in expected.predictions]
     probabilities = torch.tensor([r["probability"] for r in results])
     assert torch.allclose(probabilities, expected.probabilities.max(dim=1).values, atol=1e-5)

@@ -6,7 +6,7 @@ import io
 import torch
 
 from cifarlab import progress
-from cifarlab.engine import EpochRecord
+from cifarlab.records import EpochRecord
 from cifarlab.progress import EpochProgress
 
 

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from cifarlab.cli import main
 from cifarlab.config import TrainConfig
-from cifarlab.resume import CHECKPOINT_FILE, INTERRUPTED_STATUS
-from cifarlab.errors import CifarlabError
-from cifarlab.runs import LOCK_FILE, RunLock
+from cifarlab.rundir import CHECKPOINT_FILE, LOCK_FILE, RunLock
+from cifarlab.errors import INTERRUPTED_STATUS, CifarlabError
 from cifarlab.trainer import run_training
 
 
@@ -40,7 +39,8 @@ def quick_in_process_runs(monkeypatch) -> Iterator[None]:
     real_recipe = cli_module.recipe
     monkeypatch.setattr(cli_module, "recipe", lambda name: dataclasses.replace(real_recipe(name),
                                                                                model_args=TINY_MODEL))
-    monkeypatch.setattr(trainer_module, "save_curves", lambda *args, **kwargs: None)
+    monkeypatch.setattr(trainer_module, "draw_curves", lambda *args, **kwargs: None)
+    monkeypatch.setattr(trainer_module, "save_figure", lambda *args, **kwargs: None)
     monkeypatch.setattr(trainer_module, "write_eval_views", lambda *args, **kwargs: None, raising=False)
     # one thread: on a busy 2-core machine two OpenMP threads wait on each other and tiny steps run ~10x slower
     threads = torch.get_num_threads()
@@ -176,14 +176,13 @@ def test_stop_after_the_last_epoch_then_resume_writes_the_same_files(images: Pat
                                                                     capsys) -> None:
     """Stopped between the last epoch's checkpoint and model.pt: the resume trains nothing, and writes
     model.pt, metrics and the evaluation views from the same predictions."""
-    import cifarlab.engine as engine_module
     import cifarlab.trainer as trainer_module
 
     views = []
     monkeypatch.setattr(trainer_module, "write_eval_views",
                         lambda folder, result, *args, **kwargs: views.append(result.predictions.tolist()))
     assert main(train_args(images, tmp_path / "full")) == 0
-    real_evaluate = engine_module.evaluate
+    real_evaluate = trainer_module.evaluate
     calls = []
 
     def interrupting(*args, **kwargs):
@@ -192,11 +191,11 @@ def test_stop_after_the_last_epoch_then_resume_writes_the_same_files(images: Pat
             signal.raise_signal(signal.SIGINT)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "evaluate", interrupting)
+    monkeypatch.setattr(trainer_module, "evaluate", interrupting)
     out = tmp_path / "stopped"
     assert main(train_args(images, out)) == INTERRUPTED_STATUS
     assert "stopped by SIGINT after epoch 2" in capsys.readouterr().err
-    monkeypatch.setattr(engine_module, "evaluate", real_evaluate)
+    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
     assert main(["train", "--resume", str(out)]) == 0
     assert_same_run(tmp_path / "full", out)
     assert len(views) == 2 and views[0] == views[1]
@@ -226,13 +225,13 @@ def test_checkpoint_is_plain_data_and_written_every_n_steps(images: Path, tmp_pa
     saved: list[tuple[int, int]] = []
     import cifarlab.resume as resume_module
 
-    real_save = resume_module.atomic_torch_save
+    real_save = resume_module.save_checkpoint
 
-    def recording(state, path):
+    def recording(run_dir, state):
         saved.append((state["epoch"], state["batches"]))
-        real_save(state, path)
+        return real_save(run_dir, state)
 
-    monkeypatch.setattr(resume_module, "atomic_torch_save", recording)
+    monkeypatch.setattr(resume_module, "save_checkpoint", recording)
     out = tmp_path / "run"
     assert main(train_args(images, out, "--checkpoint-every", "4")) == 0
     # steps 4 and 8 (batch 2 of epoch 2), the start of epochs 2 and 3
@@ -246,7 +245,7 @@ def test_loader_resume_at_reproduces_the_rest_of_the_epoch() -> None:
     from cifarlab.data import Augment, ImageSet, TensorLoader
 
     data = ImageSet(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 4, list("abcd"))
-    loader = TensorLoader(data, 6, torch.device("cpu"), [0.5] * 3, [0.2] * 3, shuffle=True, augment=Augment(), seed=1)
+    loader = TensorLoader(data, 6, torch.device("cpu"), ([0.5] * 3, [0.2] * 3), shuffle=True, augment=Augment(), seed=1)
     list(loader)  # one epoch, so the next starts from a generator state that is not the seed's
     whole = list(loader)
     start = loader.epoch_state
@@ -377,7 +376,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(images: Path, tmp_
         if isinstance(obj, dict) and obj.get("format") == "cifarlab.checkpoint/1":
             saves.append(1)
         if len(saves) == 3:
-            f.write(b"PK\x03\x04 partial")
+            Path(f).write_bytes(b"PK\x03\x04 partial")  # half a file, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 

@@ -8,8 +8,6 @@ they are loaded with `weights_only=True`: a cache file cannot run code either.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 
 from cifarlab.data.download import cache_root
 from cifarlab.data.sources import ImageSet, Splits, read_source
+from cifarlab.rundir import save_torch
 
 CACHE_FORMAT = 2  # bump when the reading or the stored layout changes (2: CRC-32 of every tensor)
 
@@ -63,21 +62,6 @@ def _from_dict(data: dict) -> Splits:
     return Splits(train, test)
 
 
-def atomic_torch_save(obj: object, target: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_splits(path: Path, image_size: int = 32, notes: list[str] | None = None) -> Splits:
     """The source's splits, from the cache when it holds this exact source, else read and cached."""
     entry = cache_root() / "tensors" / f"{source_key(path, image_size)}.pt"
@@ -88,7 +72,7 @@ def load_splits(path: Path, image_size: int = 32, notes: list[str] | None = None
             entry.unlink(missing_ok=True)
     splits = read_source(path, image_size, notes)
     try:
-        atomic_torch_save(_to_dict(splits), entry)
+        save_torch(_to_dict(splits), entry)
     except OSError as error:  # a read-only or full cache must not stop training
         if notes is not None:
             notes.append(f"note: could not write the data cache at {entry} ({error})")

@@ -2,7 +2,7 @@
 
 No per-image Python work and no worker processes: each batch is an index into the resident tensor,
 a random translation and flip done as one gather on the batch, then a cast and normalisation. The
-batch comes out channels_last, the layout the convolution kernels on CPU and GPU are fastest with.
+batch comes out as contiguous NCHW float32; the model's own memory layout takes it from there.
 """
 from __future__ import annotations
 
@@ -36,10 +36,19 @@ class Augment:
         return self.mixup > 0 or self.cutmix > 0
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, on the 0..1 scale."""
-    x = images.float().div_(255)
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, on the 0..1 scale, in chunks: a float copy of the
+    whole set at once would be 600 MB for CIFAR-10."""
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for part in images.split(chunk):
+        x = part.float().div_(255)
+        total += x.sum(dim=(0, 2, 3)).double()
+        squares += x.square().sum(dim=(0, 2, 3)).double()
+    n = images.numel() // images.shape[1]
+    mean = total / n
+    variance = (squares - n * mean.square()) / max(n - 1, 1)  # unbiased, as torch.std
+    return mean.tolist(), variance.clamp_min(0).sqrt().tolist()
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -82,34 +91,40 @@ def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Gener
 class TensorLoader:
     """Iterate (images, labels) batches of a split held on `device`; shuffled and augmented if asked.
 
+    `stats` is the (mean, std) per channel on the 0..1 scale (`channel_stats`). Batches come out as
+    contiguous NCHW float32: a channels_last model converts at its first convolution (a copy of a
+    3-channel image), and an NCHW model gets what it wants. A shuffled loader is a training loader:
+    it drops the last partial batch (when there is more than one batch), so every step has the same
+    size; an unshuffled one yields every image once.
+
     Each epoch draws a new order from the loader's own generator, so runs with the same seed see the
     same batches, and `state()`/`set_state()` let a resumed run continue the same sequence.
 
-    Under torch.distributed (`rank`, `world` > 1) every rank draws the same order from the same seed
-    and takes every world-th image of each global batch of `batch_size`: shards are disjoint, their
-    union is the epoch, and each step sees the images a 1-process run would. Batches with mixup or
-    cutmix are 4-tuples (images, labels, partner labels, weight of labels).
+    Under torch.distributed (`shard` = (rank, world), world > 1) every rank draws the same order from
+    the same seed and takes every world-th image of each global batch of `batch_size`: shards are
+    disjoint, their union is the epoch, and each step sees the images a 1-process run would. Batches
+    with mixup or cutmix are 4-tuples (images, labels, partner labels, weight of labels).
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, device: torch.device, mean: list[float],
-                 std: list[float], *, shuffle: bool = False, augment: Augment | None = None,
-                 drop_last: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32, rank: int = 0,
-                 world: int = 1, shard_log: Path | None = None, channels_last: bool = True) -> None:
+    def __init__(self, data: ImageSet, batch_size: int, device: torch.device,
+                 stats: tuple[list[float], list[float]], *, shuffle: bool = False, augment: Augment | None = None,
+                 seed: int = 0, shard: tuple[int, int] = (0, 1)) -> None:
         self.dataset = data  # named as torch's DataLoader names it, so len(loader.dataset) works
         self.images = data.images.to(device)
         self.labels = data.labels.to(device)
-        self.batch_size, self.device, self.dtype = batch_size, device, dtype
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
+        self.batch_size, self.device = batch_size, device
+        self.shuffle, self.augment = shuffle, augment
+        self.drop_last = shuffle and len(data) > batch_size
         # scale and shift fold the /255 and the normalisation into one multiply-add
+        mean, std = stats
         std_t = torch.tensor(std, device=device)
         self.scale = (1 / (255 * std_t)).view(1, 3, 1, 1)
         self.shift = (-torch.tensor(mean, device=device) / std_t).view(1, 3, 1, 1)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.epoch_state = self.generator.get_state()
         self._skip = 0  # batches the next pass skips (resume_at)
-        self.rank, self.world = rank, world
-        self.shard_log = shard_log  # debugging/tests: append each pass's image indices, one line per pass
+        self.rank, self.world = shard
+        self.shard_log: Path | None = None  # debugging/tests: append each pass's image indices, one line per pass
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -164,23 +179,18 @@ class TensorLoader:
         (images, labels, partner labels, weight of labels)."""
         images, labels = self.images[index], self.labels[index]
         augment = self.augment
-        if augment is None:
-            images = images.contiguous(memory_format=self.memory_format)
-        else:
-            images = augment_batch(images, augment, self.generator, shard).permute(0, 3, 1, 2)
+        if augment is not None:
+            images = augment_batch(images, augment, self.generator, shard).permute(0, 3, 1, 2).contiguous()
         extras = self._extras_generator() if augment is not None and augment.extras else None
         if extras is not None and augment.randaugment:
             images = rand_augment(images, augment.randaugment, augment.randaugment_magnitude, extras)
-        # in float32 (scale and shift are float32, so a bf16/fp16 product would be promoted back
-        # anyway), then cast: the batch comes out in the dtype asked for
         images = images.to(torch.float32) * self.scale + self.shift
         if extras is not None and augment.cutout:
             images = cutout(images, augment.cutout, extras)
-        mixed = ()
         if extras is not None and augment.mixes:
             images, labels, partners, lam = mix_batch(images, labels, augment.mixup, augment.cutmix, extras)
-            mixed = (partners, lam)
-        return (images.to(self.dtype).contiguous(memory_format=self.memory_format), labels, *mixed)
+            return images, labels, partners, lam
+        return images, labels
 
     def _extras_generator(self) -> torch.Generator:
         """A generator for one batch's extra augmentations, seeded by one draw from the loader's own:

@@ -1,0 +1,123 @@
+"""From a config and data to the objects a run trains with: the one place that builds them.
+
+`cifarlab train`, `lr-find`, the benchmarks and the notebook API all call `build_run`, so they train
+the same network (its data-dependent init and memory layout) with the same parameter groups,
+optimizer, schedule, weight averaging, gradient scaler and loaders.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cifarlab.config import TrainConfig
+from cifarlab.data import Augment, DataBundle, TensorLoader, channel_stats
+from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
+from cifarlab.distributed import DistInfo, shard_log_path
+from cifarlab.ema import WeightEMA
+from cifarlab.engine import Step
+from cifarlab.errors import CifarlabError
+from cifarlab.models import create_model
+from cifarlab.optim import build_optimizer, build_scheduler, param_groups
+from cifarlab.rundir import ModelInfo
+
+WHITENING_IMAGES = 5000  # images a data-dependent init sees (the fast net's whitening stem)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process runs: its device, the autocast dtype, and its torchrun rank."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    dist: DistInfo = DistInfo()
+
+
+def local_runtime(config: TrainConfig) -> Runtime:
+    """One process on the config's device, with every core this process may use (lr-find, benchmarks)."""
+    device = pick_device(config.device)
+    if device.type == "cpu":
+        set_cpu_threads()
+    return Runtime(device, autocast_dtype(device, config.precision))
+
+
+@dataclass
+class Run:
+    """The objects one run trains with. `model` is what is saved; `step.model` is what trains (`model`
+    in a DDP wrapper under torchrun); `final_model` is what is evaluated and saved: the weight average
+    when there is one."""
+
+    model: nn.Module
+    step: Step
+    train_loader: TensorLoader
+    eval_loader: TensorLoader | None
+    info: ModelInfo  # what model.pt records beside the weights: the builder's arguments, classes, normalisation
+
+    @property
+    def final_model(self) -> nn.Module:
+        return self.step.ema.module if self.step.ema is not None else self.model
+
+
+def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
+    stats = channel_stats(bundle.train.images)
+    model_args = {**config.model_args, "num_classes": len(bundle.classes)}
+    if config.image_size != 32:
+        model_args["image_size"] = config.image_size
+    layout = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = create_model(config.model, **model_args).to(runtime.device, memory_format=layout)
+    data_dependent_init(model, bundle, runtime.device, stats)
+    train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
+    groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale)
+    optimizer = build_optimizer(config.optimizer, groups, config.momentum)
+    scheduler = build_scheduler(optimizer, config.schedule, config.epochs * len(train_loader),
+                                round(config.warmup_epochs * len(train_loader)))
+    ema = WeightEMA(model, config.ema) if config.ema else None
+    step = Step(wrap_distributed(model, config, runtime), optimizer, runtime.device, scheduler, ema,
+                runtime.amp_dtype, config.label_smoothing, config.clip_grad)
+    info = ModelInfo(config.model, model_args, bundle.classes, *stats, config.image_size, config.to_dict())
+    return Run(model, step, train_loader, eval_loader, info)
+
+
+def make_loaders(bundle: DataBundle, config: TrainConfig, runtime: Runtime,
+                 stats: tuple[list[float], list[float]]) -> tuple[TensorLoader, TensorLoader | None]:
+    """The training loader (this rank's shard of each global batch under torchrun) and the evaluation
+    loader (the whole split on every rank: identical weights give identical results, no reduction)."""
+    augment = Augment(**{f.name: getattr(config, f.name) for f in dataclasses.fields(Augment)})
+    if not (augment.translate or augment.flip or augment.extras):
+        augment = None
+    train_loader = TensorLoader(bundle.train, config.batch_size, runtime.device, stats, shuffle=True,
+                                augment=augment, seed=config.seed, shard=(runtime.dist.rank, runtime.dist.world))
+    train_loader.shard_log = shard_log_path(runtime.dist)
+    split = bundle.eval_split
+    eval_loader = (TensorLoader(bundle.split(split), config.eval_batch_size, runtime.device, stats)
+                   if split is not None else None)
+    return train_loader, eval_loader
+
+
+def data_dependent_init(model: nn.Module, bundle: DataBundle, device: torch.device,
+                        stats: tuple[list[float], list[float]]) -> None:
+    """Models that set weights from data (the fast net's whitening stem) get the first training images,
+    normalised as the loader will: the same images on every rank and every run, so it is reproducible."""
+    init = getattr(model, "init_from_data", None)
+    if init is not None:
+        sample = bundle.train.subset(torch.arange(min(WHITENING_IMAGES, len(bundle.train))))
+        images, _ = next(iter(TensorLoader(sample, len(sample), device, stats)))
+        init(images)
+
+
+def wrap_distributed(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
+    """DDP around `model` under torchrun (optionally with SyncBatchNorm); `model` itself for one process.
+
+    SyncBatchNorm replaces the BatchNorm modules inside `model` in place, so the saved weights keep the
+    plain BatchNorm names and load anywhere."""
+    if not runtime.dist.enabled:
+        return model
+    device = runtime.device
+    if config.sync_bn:
+        if device.type != "cuda":
+            raise CifarlabError("--sync-bn: torch's SyncBatchNorm runs on CUDA only; drop it on CPU")
+        for name, child in list(model.named_children()):
+            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
