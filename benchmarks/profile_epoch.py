@@ -1,11 +1,14 @@
 """Where one epoch's time goes: the loader (index + augmentation + normalisation) against the
 training steps, and the top operators of the steps by self CPU time (torch.profiler).
 
-    python benchmarks/profile_epoch.py --recipe fast75 --steps 40
+    python benchmarks/profile_epoch.py --recipe fast75 --steps 40 [--precision fp32]
+
+The steps are `engine.train_step` on the run `build_run` makes, so this times what `train` runs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -24,8 +27,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fast75")
     parser.add_argument("--steps", type=int, default=40, help="training steps to time and profile")
+    parser.add_argument("--precision", help="override the recipe's precision (auto, fp32, bf16, fp16)")
     args = parser.parse_args()
     config = recipe(args.recipe)
+    if args.precision:
+        config = dataclasses.replace(config, precision=args.precision)
     runtime = local_runtime(config)
     bundle = load_data(str(DATA), val_split=config.val_split, seed=config.seed)
     run = build_run(config, bundle, runtime)  # the same model, init, groups, schedule and step as `train`
