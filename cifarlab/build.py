@@ -14,7 +14,7 @@ from torch import nn
 
 from cifarlab.config import TrainConfig
 from cifarlab.data import Augment, DataBundle, TensorLoader, channel_stats
-from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
+from cifarlab.device import autocast_dtype, open_device
 from cifarlab.distributed import DistInfo, shard_log_path
 from cifarlab.ema import WeightEMA
 from cifarlab.engine import Step
@@ -37,9 +37,7 @@ class Runtime:
 
 def local_runtime(config: TrainConfig) -> Runtime:
     """One process on the config's device, with every core this process may use (lr-find, benchmarks)."""
-    device = pick_device(config.device)
-    if device.type == "cpu":
-        set_cpu_threads()
+    device = open_device(config.device, config.gpu_memory_fraction)
     return Runtime(device, autocast_dtype(device, config.precision))
 
 

@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from cifarlab.config import RECIPES, TrainConfig, flag_name, recipe
+from cifarlab.config import RECIPES, TrainConfig, flag_name, load_config, recipe
 from cifarlab.errors import INTERRUPTED_STATUS, CifarlabError, RunInterrupted
 
 EPILOG = """examples:
@@ -18,6 +18,8 @@ EPILOG = """examples:
   cifarlab eval runs/first --json
   cifarlab eval runs/first --tta 2 --out runs/first/eval
   cifarlab report runs/first
+  cifarlab compare runs/first runs/second --out comparison
+  cifarlab train --config runs/first --channels-last   # run it again, one setting changed
   cifarlab predict runs/first photo.jpg --json
   cifarlab export runs/first --format onnx
 """
@@ -35,15 +37,18 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+RUNTIME_FLAGS = ("device", "gpu_memory_fraction")  # the config fields eval and predict take too
 
 
-def add_config_flags(parser: argparse.ArgumentParser, title: str, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field, generated from the field: its type, help and choices. Every flag
-    defaults to None, meaning "the recipe's value"; `validate()` checks what was given."""
+def add_config_flags(parser: argparse.ArgumentParser, title: str, exclude: tuple[str, ...] = (),
+                     only: tuple[str, ...] | None = None) -> None:
+    """One flag per TrainConfig field (or the fields in `only`), generated from the field: its type, help
+    and choices. Every flag defaults to None, meaning "the recipe's value"; `validate()` checks what
+    was given. eval and predict take their --device and --gpu-memory-fraction from here too."""
     group = parser.add_argument_group(title)
     for spec in dataclasses.fields(TrainConfig):
         meta = spec.metadata
-        if not meta["flag"] or spec.name in exclude:
+        if not meta["flag"] or spec.name in exclude or (only is not None and spec.name not in only):
             continue
         kind = FLAG_TYPES[spec.type.split(" |")[0]]
         help_text = meta["help"] + (f" (one of: {', '.join(meta['names']())})" if meta["names"] else "")
@@ -74,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the recipe's value. Writes config.json, metrics.csv, curves.png, "
                                             "model.pt and summary.json into the run folder.")
     add_data_args(train)
-    train.add_argument("--recipe", help=f"named settings to start from: {', '.join(sorted(RECIPES))} "
-                                        "(default: seed)")
+    base = train.add_mutually_exclusive_group()
+    base.add_argument("--recipe", help=f"named settings to start from: {', '.join(sorted(RECIPES))} "
+                                       "(default: seed)")
+    base.add_argument("--config", metavar="RUN_DIR_OR_JSON",
+                      help="start from a run's config.json (or its run folder) to run it again; flags override")
     train.add_argument("--out", metavar="DIR", help="run folder to create (default: a new folder under runs/)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue an interrupted run exactly where its checkpoint left it, with its own settings")
@@ -89,11 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(evaluate)
     evaluate.add_argument("--split", choices=["test", "val", "train"],
                           help="default: the split the run reported on (val if it held one out, else test)")
-    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--tta", type=int, choices=[0, 1, 2], default=0,
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object (tta_level: the level used)")
+    evaluate.add_argument("--tta", type=int, choices=[0, 1, 2],
                           help="test-time augmentation: 1 = image + mirror, 2 = also 1-px shifts (6 views); "
-                               "reports accuracy with and without it and the gain")
+                               "reports accuracy with and without it and the gain. Default: the run's own level, "
+                               "so eval agrees with what train printed; 0 turns it off")
+    add_config_flags(evaluate, "where it runs", only=RUNTIME_FLAGS)
     evaluate.add_argument("--out", metavar="DIR", help="write eval.json, confusion_matrix.png, reliability.png and "
                                                        "worst_mistakes.png there")
     _add_inspection_commands(commands)
@@ -114,6 +123,18 @@ def _add_inspection_commands(commands) -> None:
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/report.html)")
 
+    compare = commands.add_parser("compare", help="runs side by side: one picture of their curves and a table",
+                                  description="Train and validation curves of every run in one picture (one "
+                                              "colour per run) and a table: recipe, model, parameters, best and "
+                                              "final accuracy, epochs, seconds, images/s, device. A run still "
+                                              "training is read as far as it got; a bad folder is skipped with "
+                                              "a line saying why.")
+    compare.add_argument("runs", metavar="RUN_DIR", nargs="+")
+    compare.add_argument("--out", metavar="DIR", help="write compare.png and a self-contained compare.html there")
+    runs = commands.add_parser("runs", help="list the runs under runs/ (or DIR), newest first",
+                               description="One line per run folder: status, recipe, model, epochs, accuracy, time.")
+    runs.add_argument("root", metavar="DIR", nargs="?", default="runs")
+
     predict = commands.add_parser("predict", help="label image files with a trained model",
                                   description="Top-k classes with probabilities for image files of any size or "
                                               "mode (resized to the model's training resolution).")
@@ -121,7 +142,7 @@ def _add_inspection_commands(commands) -> None:
     predict.add_argument("images", metavar="IMAGE", nargs="+")
     predict.add_argument("--top-k", type=int, default=3, help="classes listed per image (default: 3)")
     predict.add_argument("--tta", type=int, choices=[0, 1, 2], default=0, help="test-time augmentation, as eval")
-    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_config_flags(predict, "where it runs", only=RUNTIME_FLAGS)
     predict.add_argument("--json", action="store_true",
                          help="print a JSON list: {path, label, probability, topk: [{label, probability}]} per image")
 
@@ -165,11 +186,11 @@ def _apply_flags(config: TrainConfig, overrides: dict) -> TrainConfig:
 def _train_command(args: argparse.Namespace) -> None:
     from cifarlab.trainer import run_training
 
-    config = recipe(args.recipe or "seed")
+    config = load_config(Path(args.config)) if args.config else recipe(args.recipe or "seed")
     overrides = config_overrides(args)
     if args.resume is not None:
         given = [flag_name(name) for name in [*overrides, *(["recipe"] if args.recipe else []),
-                                              *(["out"] if args.out else [])]]
+                                              *(["config"] if args.config else []), *(["out"] if args.out else [])]]
         if given:
             raise CifarlabError(f"--resume {args.resume}: continues the run with its own settings; drop "
                                 f"{', '.join(given)}")
@@ -182,7 +203,8 @@ def _eval_command(args: argparse.Namespace) -> None:
     from cifarlab.evaluation import evaluate_model
 
     result = evaluate_model(Path(args.model), data=args.data, dataset=args.dataset, split=args.split,
-                            device=args.device, tta=args.tta, out=Path(args.out) if args.out else None)
+                            device=args.device or "auto", tta=args.tta, out=Path(args.out) if args.out else None,
+                            memory_fraction=args.gpu_memory_fraction)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -208,11 +230,29 @@ def _report_command(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(Path(args.run_dir), Path(args.out) if args.out else None)}")
 
 
+def _compare_command(args: argparse.Namespace) -> None:
+    from cifarlab.compare import comparison_rows, format_comparison, load_runs, write_comparison
+
+    runs, problems = load_runs([Path(p) for p in args.runs])
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(format_comparison(comparison_rows(runs)))
+    if args.out:
+        paths = write_comparison(runs, Path(args.out))
+        print(f"wrote {paths['png']} and {paths['html']}")
+
+
+def _runs_command(args: argparse.Namespace) -> None:
+    from cifarlab.compare import format_runs, list_runs
+
+    print(format_runs(list_runs(Path(args.root)), Path(args.root)))
+
+
 def _predict_command(args: argparse.Namespace) -> None:
     from cifarlab.predict import format_predictions, predict_files
 
-    results = predict_files(Path(args.model), [Path(p) for p in args.images], top_k=args.top_k, device=args.device,
-                            tta=args.tta)
+    results = predict_files(Path(args.model), [Path(p) for p in args.images], top_k=args.top_k,
+                            device=args.device or "auto", tta=args.tta, memory_fraction=args.gpu_memory_fraction)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
 
 
@@ -246,7 +286,8 @@ def _models_command(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"models": _models_command, "train": _train_command, "eval": _eval_command, "report": _report_command,
-            "predict": _predict_command, "export": _export_command, "lr-find": _lr_find_command}
+            "compare": _compare_command, "runs": _runs_command, "predict": _predict_command,
+            "export": _export_command, "lr-find": _lr_find_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,9 @@ resolved description of what ran.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from cifarlab.data.loader import Augment
@@ -95,6 +97,10 @@ class TrainConfig:
                                "convolutions")
     tta: int = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px "
                     "shifts", choices=(0, 1, 2))
+    gpu_memory_fraction: float | None = option(None, "cap this process's share of the GPU's memory, in (0, 1], "
+                                               "so a class can share one GPU (the notebook used 0.22); default "
+                                               "$CIFARLAB_GPU_MEMORY_FRACTION, else no cap; no effect on the CPU",
+                                               (lambda v, c: v is None or 0 < v <= 1, "must be in (0, 1]"))
     checkpoint_every: int = option(0, "also save RUN_DIR/checkpoint.pt every N steps (it is always saved after "
                                  "each epoch)", at_least(0))
     sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over the global batch (CUDA only)")
@@ -163,6 +169,26 @@ RECIPES: dict[str, TrainConfig] = {
         momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1, translate=4, cutout=16,
     ),
 }
+
+
+def load_config(path: Path) -> TrainConfig:
+    """A run's config.json (or the run folder holding it), to run it again (`train --config`)."""
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        values = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CifarlabError(f"--config {path}: no such file (give a run folder or its config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CifarlabError(f"--config {file}: not a readable config.json ({error})") from None
+    if not isinstance(values, dict):
+        raise CifarlabError(f"--config {file}: not a config (expected a JSON object of training settings)")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CifarlabError(f"--config {file}: unknown settings {', '.join(unknown)}")
+    try:
+        return TrainConfig(**values)
+    except TypeError as error:
+        raise CifarlabError(f"--config {file}: {error}") from None
 
 
 def recipe(name: str) -> TrainConfig:

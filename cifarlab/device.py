@@ -51,3 +51,51 @@ def set_cpu_threads(processes: int = 1) -> int:
     n = max(n // processes, 1)
     torch.set_num_threads(n)
     return n
+
+
+GPU_MEMORY_ENV = "CIFARLAB_GPU_MEMORY_FRACTION"
+
+
+def gpu_memory_fraction(flag: float | None) -> float | None:
+    """The cap on this process's share of GPU memory: the flag, else $CIFARLAB_GPU_MEMORY_FRACTION, else
+    None (no cap). A class sharing one GPU sets the variable once (the notebook used 0.22 per student)."""
+    if flag is not None:
+        where, value = f"--gpu-memory-fraction {flag}", flag
+    else:
+        value = os.environ.get(GPU_MEMORY_ENV, "").strip()
+        if not value:
+            return None
+        where = f"{GPU_MEMORY_ENV}={value}"
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = float("nan")  # falls through to the range check's message
+    if not 0 < fraction <= 1:  # also refuses nan and inf
+        raise CifarlabError(f"{where}: must be a fraction of the GPU's memory in (0, 1], e.g. 0.22")
+    return fraction
+
+
+def limit_gpu_memory(fraction: float | None, device: torch.device) -> str | None:
+    """Cap this process's CUDA caching allocator at `fraction` of the device's memory; a note when that
+    cannot apply. Call it before the first allocation on the device: memory already cached above the
+    cap is not given back, so a late cap would not keep a shared GPU's other users safe."""
+    if fraction is None:
+        return None
+    if device.type != "cuda":
+        where = "the CPU" if device.type == "cpu" else device.type
+        return f"note: --gpu-memory-fraction {fraction:g} has no effect on {where}"
+    # device.index None means the current device (torch refuses a bare "cuda" device here)
+    torch.cuda.set_per_process_memory_fraction(float(fraction), device.index)
+    return None
+
+
+def open_device(name: str = "auto", memory_fraction: float | None = None) -> torch.device:
+    """The device one process runs on, made ready: every core on a CPU, or the GPU memory cap applied
+    before the first allocation (with a note when the cap cannot apply)."""
+    device = pick_device(name)
+    if device.type == "cpu":
+        set_cpu_threads()
+    note = limit_gpu_memory(gpu_memory_fraction(memory_fraction), device)
+    if note:
+        print(note)
+    return device

@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from cifarlab.data import TensorLoader, load_data
-from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
+from cifarlab.data import DataBundle, TensorLoader, load_data
+from cifarlab.device import autocast_dtype, open_device
 from cifarlab.engine import evaluate
 from cifarlab.errors import CifarlabError
 from cifarlab.metrics import summarize
@@ -16,50 +16,42 @@ from cifarlab.plots import draw_confusion_matrix, draw_reliability, draw_worst_m
 from cifarlab.records import EvalResult
 from cifarlab.rundir import EVAL_JSON, load_model, resolve_model_path, save_figure, write_json
 
+EVAL_BATCH = 1000  # images per evaluation batch
 TTA_VIEWS = {1: 2, 2: 6}  # --tta level -> views averaged (the image and its mirror; plus 1-px shifts)
 
 
 def evaluate_model(model_path: Path, data: str | None = None, dataset: str | None = None,
-                   split: str | None = None, device: str = "auto", batch_size: int = 1000, tta: int = 0,
-                   out: Path | None = None) -> dict:
+                   split: str | None = None, device: str = "auto", tta: int | None = None,
+                   out: Path | None = None, memory_fraction: float | None = None) -> dict:
     """Accuracy, loss and per-class accuracy of a run folder's or checkpoint's model on a split.
 
     Without `data`/`dataset` the run's own source is used, with its validation split and seed, so
     `--split val` is exactly the held-out set the run reported on. `tta` 1 or 2 evaluates a second
-    time with test-time augmentation and reports both accuracies and the gain; `out` writes the
-    evaluation views (of the TTA predictions when asked for) and eval.json there.
+    time with test-time augmentation and reports both accuracies and the gain; None means the run's
+    own level (so `eval` reports what `train` printed), 0 none. `out` writes the evaluation views (of
+    the TTA predictions when there are some) and eval.json there.
     """
-    torch_device = pick_device(device)
-    if torch_device.type == "cpu":
-        set_cpu_threads()
+    torch_device = open_device(device, memory_fraction)
     model, info = load_model(model_path, torch_device)
-    config = info.config
-    # the run's own source, named again or left out, is split as in training
-    own_source = ((data is None and dataset is None) or (dataset is not None and dataset == config.get("dataset"))
-                  or (data is not None and str(Path(data).expanduser().absolute()) == config.get("data")))
-    if own_source:
-        data, dataset = config.get("data"), config.get("dataset")
-    # the run's own source is split as in training; another source is evaluated whole (or its test split)
-    bundle = load_data(data, dataset, config.get("val_split") if own_source else 0, config.get("seed", 0),
-                       info.image_size)
+    bundle = _run_source(info.config, data, dataset, info.image_size)
     if bundle.classes != info.classes:
         raise CifarlabError(f"{bundle.source}: its classes {bundle.classes} do not match the model's {info.classes}")
     split = split or bundle.eval_split or "train"
     images = bundle.split(split)
-    loader = TensorLoader(images, batch_size, torch_device, (info.mean, info.std))
-    amp_dtype = autocast_dtype(torch_device, config.get("precision", "auto"))
+    loader = TensorLoader(images, EVAL_BATCH, torch_device, (info.mean, info.std))
+    amp_dtype = autocast_dtype(torch_device, info.config.get("precision", "auto"))
     result = evaluate(model, loader, torch_device, amp_dtype)
-    per_class = result.per_class_accuracy(len(info.classes))
+    level = info.config.get("tta", 0) if tta is None else tta
     report = {
         "model": str(resolve_model_path(model_path)), "data": bundle.source, "split": split,
         "accuracy": result.accuracy, "loss": result.loss, "n": result.n,
-        "correct": int((result.predictions == result.targets).sum()),
-        "per_class_accuracy": dict(zip(info.classes, per_class)),
+        "correct": int((result.predictions == result.targets).sum()), "tta_level": level,
+        "per_class_accuracy": dict(zip(info.classes, result.per_class_accuracy(len(info.classes)))),
     }
     viewed = result
-    if tta:
-        viewed = evaluate(model, loader, torch_device, amp_dtype, tta=tta)
-        report["tta"] = {"views": TTA_VIEWS[tta], "accuracy": viewed.accuracy, "loss": viewed.loss,
+    if level:
+        viewed = evaluate(model, loader, torch_device, amp_dtype, tta=level)
+        report["tta"] = {"views": TTA_VIEWS[level], "accuracy": viewed.accuracy, "loss": viewed.loss,
                          "gain": viewed.accuracy - result.accuracy}
     if out is not None:
         extra = {key: report[key] for key in ("model", "data", "split")}
@@ -69,6 +61,16 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
                       per_class={name: {"precision": v["precision"], "recall": v["recall"]}
                                  for name, v in views["per_class"].items()})
     return report
+
+
+def _run_source(config: dict, data: str | None, dataset: str | None, image_size: int) -> DataBundle:
+    """The run's own source (left out, or named again) split exactly as in training; another source
+    evaluated whole (or on its test split)."""
+    own_source = ((data is None and dataset is None) or (dataset is not None and dataset == config.get("dataset"))
+                  or (data is not None and str(Path(data).expanduser().absolute()) == config.get("data")))
+    if own_source:
+        data, dataset = config.get("data"), config.get("dataset")
+    return load_data(data, dataset, config.get("val_split") if own_source else 0, config.get("seed", 0), image_size)
 
 
 # file name -> how to draw it from (summary, images, classes); one table, no if/elif chain

@@ -190,3 +190,37 @@ def draw_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return figure
+
+
+def _plot_runs(ax, runs: list[tuple[str, list[dict]]], train_key: str, val_key: str, scale: float) -> None:
+    """One colour per run: train dashed, validation solid; only validation is labelled, once per run."""
+    for i, (name, metrics) in enumerate(runs):
+        colour = f"C{i % 10}"
+        for key, style, label in ((train_key, "--", None), (val_key, "-", name)):
+            points = [(row["epoch"], scale * row[key]) for row in metrics if row.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                # markers when there are few points: a one-epoch run is otherwise invisible
+                ax.plot(xs, ys, style, color=colour, label=label, marker="o" if len(xs) < 30 else None,
+                        markersize=3)
+
+
+def draw_comparison(runs: list[tuple[str, list[dict]]]):
+    """Loss and accuracy against epoch for every (name, metrics rows) run, in one figure (`cifarlab compare`)."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure(12, 4.6)
+    loss_ax, acc_ax = figure.subplots(1, 2)
+    _plot_runs(loss_ax, runs, "train_loss", "val_loss", 1.0)
+    _plot_runs(acc_ax, runs, "train_acc", "val_acc", 100.0)
+    for ax, title, unit in ((loss_ax, "Loss", "loss"), (acc_ax, "Accuracy", "accuracy (%)")):
+        ax.set_title(f"{title} (dashed: train, solid: validation)")
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(unit)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if acc_ax.get_legend_handles_labels()[0]:
+        acc_ax.legend(fontsize=8)
+    else:
+        acc_ax.text(0.5, 0.5, "no epochs recorded yet", ha="center", va="center", transform=acc_ax.transAxes)
+    return figure

@@ -13,7 +13,7 @@ import torch
 from cifarlab.rundir import load_model
 from cifarlab.data import ImageSet, TensorLoader
 from cifarlab.data.sources import decode_image  # one decoding rule for training, eval and predict
-from cifarlab.device import autocast, autocast_dtype, pick_device, set_cpu_threads
+from cifarlab.device import autocast, autocast_dtype, open_device
 from cifarlab.engine import tta_log_probs
 from cifarlab.errors import CifarlabError
 
@@ -31,13 +31,11 @@ def read_images(paths: list[Path], size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_files(model_path: Path, paths: list[Path], top_k: int = 3, device: str = "auto",
-                  batch_size: int = 256, tta: int = 0) -> list[dict]:
+                  batch_size: int = 256, tta: int = 0, memory_fraction: float | None = None) -> list[dict]:
     """One dict per image: path, label (top class), probability, and topk [{label, probability}]."""
     if not paths:
         raise CifarlabError("predict: give one or more image files")
-    torch_device = pick_device(device)
-    if torch_device.type == "cpu":
-        set_cpu_threads()
+    torch_device = open_device(device, memory_fraction)
     model, info = load_model(model_path, torch_device)
     images = read_images(paths, info.image_size)
     k = max(1, min(top_k, len(info.classes)))

@@ -71,10 +71,22 @@ def _read_json(path: Path) -> dict:
 
 # --- sections: each takes the run folder's contents and returns HTML --------------------------------
 
-def _summary_section(run: dict) -> str:
+def _headline_section(run: dict) -> str:
+    """What the run reached, first: the accuracy it reported (and with test-time augmentation)."""
+    s = run["summary"]
+    if not s:
+        return "<p class='headline muted'>the run has not finished (no summary.json yet)</p>"
+    tta = s.get("tta")
+    extra = f", <b>{_pct(tta['accuracy'])}</b> with test-time augmentation (level {tta['level']})" if tta else ""
+    return (f'<p class=headline>{html.escape(str(s.get("eval_split") or "no"))} accuracy '
+            f'<b>{_pct(s.get("accuracy"))}</b>{extra} after {s.get("epochs", "?")} epochs of '
+            f'{html.escape(str(s.get("model", "?")))} ({html.escape(str(s.get("recipe", "?")))}), '
+            f'{s.get("wall_seconds", "?")} s on {html.escape(str(s.get("device", "?")))}</p>')
+
+
+def _details_section(run: dict) -> str:
+    """Timing, software and the full config, last; the config folded away (it is long)."""
     s, config = run["summary"], run["config"]
-    headline = (f'<p class=headline>{html.escape(str(s.get("eval_split") or "no"))} accuracy '
-                f'<b>{_pct(s.get("accuracy"))}</b> after {s.get("epochs", "?")} epochs</p>') if s else ""
     rows = [[label, s[key]] for label, key in (
         ("recipe", "recipe"), ("model", "model"), ("evaluated on", "eval_split"), ("training images", "train_images"),
         ("evaluation images", "eval_images"), ("wall time (s)", "wall_seconds"), ("training time (s)", "train_seconds"),
@@ -83,8 +95,9 @@ def _summary_section(run: dict) -> str:
     rows += [[f"{name} version", version] for name, version in s.get("versions", {}).items()]
     config_rows = [[key, json.dumps(value) if isinstance(value, (dict, list)) else value]
                    for key, value in config.items()]
-    return (f"<h2>Run</h2>{headline}<div class=row><div><h3>Timing and throughput</h3>{html_table(rows)}</div>"
-            f"<div><h3>Config</h3>{html_table(config_rows)}</div></div>")
+    return (f"<h2>Run</h2><h3>Timing and throughput</h3>{html_table(rows)}"
+            f"<details><summary>Full config ({len(config_rows)} settings)</summary>{html_table(config_rows)}"
+            f"</details>")
 
 
 def _curves_section(run: dict) -> str:
@@ -126,14 +139,15 @@ def _eval_section(run: dict) -> str:
                            ["class", "accuracy", "precision", "recall", "images"])
     pictures = {name: folder / name for name in ("confusion_matrix.png", "reliability.png", "worst_mistakes.png")}
     tag = lambda name, alt: png_tag(pictures[name].read_bytes(), alt) if pictures[name].exists() else ""  # noqa: E731
-    return (f"<h2>Evaluation</h2><p class=headline>{'<br>'.join(lines)}</p>"
-            f"<div class=row><div><h3>Per class</h3>{per_class}</div>"
-            f"<div><h3>Confusion matrix</h3>{tag('confusion_matrix.png', 'confusion matrix')}</div></div>"
+    return (f"<h2>Evaluation</h2><p>{'<br>'.join(lines)}</p>"
+            f"<div class=row><div><h3>Confusion matrix</h3>{tag('confusion_matrix.png', 'confusion matrix')}</div>"
+            f"<div><h3>Per class</h3>{per_class}</div></div>"
             f"<div class=row><div><h3>Calibration</h3>{tag('reliability.png', 'reliability diagram')}</div>"
             f"<div><h3>Most confident mistakes</h3>{tag('worst_mistakes.png', 'worst mistakes')}</div></div>")
 
 
-SECTIONS = [_summary_section, _curves_section, _gap_section, _eval_section]
+# the headline, the curves and the confusion matrix first; details and the full config last
+SECTIONS = [_headline_section, _curves_section, _eval_section, _gap_section, _details_section]
 
 
 def load_run(run_dir: Path) -> dict:

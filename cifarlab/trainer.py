@@ -20,7 +20,7 @@ import torch
 from cifarlab.build import Run, Runtime, build_run
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
-from cifarlab.device import autocast_dtype, pick_device, set_cpu_threads
+from cifarlab.device import autocast_dtype, gpu_memory_fraction, limit_gpu_memory, pick_device, set_cpu_threads
 from cifarlab.distributed import all_reduce_mean, broadcast_path, env_info, report_failure, setup, teardown
 from cifarlab.engine import evaluate, train_step
 from cifarlab.errors import CifarlabError
@@ -199,6 +199,9 @@ def _start_processes(config: TrainConfig, stack: contextlib.ExitStack) -> Runtim
     if dist_info.enabled and config.batch_size % dist_info.world:
         raise CifarlabError(f"--batch-size {config.batch_size}: the global batch must divide evenly over "
                             f"{dist_info.world} processes")
+    note = limit_gpu_memory(gpu_memory_fraction(config.gpu_memory_fraction), device)  # this rank's own GPU
+    if note:
+        print(note)
     return Runtime(device, autocast_dtype(device, config.precision), dist_info)
 
 
@@ -213,8 +216,11 @@ def _create_run_dir(out: str | None, config: TrainConfig, runtime: Runtime, stac
 
 def out_of_memory(device: torch.device, config: TrainConfig) -> CifarlabError:
     smaller = max(config.batch_size // 2, 1)
+    fraction = gpu_memory_fraction(config.gpu_memory_fraction)
+    cap = (f"; this process may use {fraction:g} of the GPU's memory (--gpu-memory-fraction), a larger share "
+           f"helps if the GPU is not shared" if fraction is not None and device.type == "cuda" else "")
     return CifarlabError(f"out of memory on {device} with --batch-size {config.batch_size} (evaluation uses "
-                         f"{config.eval_batch_size}); try --batch-size {smaller}, or a smaller model")
+                         f"{config.eval_batch_size}); try --batch-size {smaller}, or a smaller model{cap}")
 
 
 # --- after the last step -----------------------------------------------------------------------------

@@ -23,10 +23,12 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own empty cache folder and the default download URL."""
+    """Every test gets its own empty cache folder, the default download URL, no shared data folder and
+    no GPU memory cap (a classroom machine may set these for everyone)."""
     cache = tmp_path / "cifarlab-cache"
     monkeypatch.setenv("CIFARLAB_CACHE", str(cache))
-    monkeypatch.delenv("CIFARLAB_DATA_URL", raising=False)
+    for name in ("CIFARLAB_DATA_URL", "CIFARLAB_DATA_DIR", "TEACHER_DIR", "CIFARLAB_GPU_MEMORY_FRACTION"):
+        monkeypatch.delenv(name, raising=False)
     return cache
 
 

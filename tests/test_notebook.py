@@ -26,4 +26,6 @@ def test_the_notebook_executes(shared_images: Path, monkeypatch: pytest.MonkeyPa
     assert "1600 training and 400 validation images" in text and "epoch 1/1" in text
     assert "The gap went from" in text and "precision" in text
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pictures) == 5  # the curves (loss and accuracy), confusion matrix, mistakes, reliability, gap
+    assert "narrow" in text and "wide" in text  # the comparison table of the two channel widths
+    # the curves (loss and accuracy), confusion matrix, mistakes, reliability, gap, the two runs compared
+    assert len(pictures) == 6

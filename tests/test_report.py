@@ -84,7 +84,7 @@ def test_report_is_one_self_contained_file(run_dir: Path, capsys) -> None:
     assert not re.search(r"""\b(src|href)\s*=\s*(?!["']?data:)""", page)  # every src is an embedded data: URI
     assert "url(" not in page and "@import" not in page
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
-    for text in ("Timing and throughput", "Config", "Learning curves", "Generalisation gap", "Confusion matrix",
+    for text in ("Timing and throughput", "Full config", "Learning curves", "Generalisation gap", "Confusion matrix",
                  "Calibration", "Most confident mistakes", "throughput", "expected calibration error"):
         assert text in page
     assert page.count("<img ") == 5  # curves, gap, confusion matrix, reliability, worst mistakes
@@ -124,3 +124,16 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     assert shot.exists() and shot.read_bytes()[:8] == PNG, result.stderr[-2000:]
     assert shot.stat().st_size > 50_000  # a rendered page of figures, not a blank one
     assert [line for line in result.stderr.splitlines() if ":CONSOLE" in line] == []
+
+
+def test_compare_page_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    """`cifarlab compare --out` writes a page as self-contained as the report: checked the same way."""
+    chromium = _chromium()
+    out = tmp_path / "comparison"
+    assert main(["compare", str(run_dir), str(run_dir), "--out", str(out)]) == 0
+    page = out / "compare.html"
+    assert "://" not in page.read_text()
+    dom = _headless(chromium, tmp_path / "profile-compare", "--dump-dom", page.resolve().as_uri())
+    title = re.search(r"<title>(.*?)</title>", dom.stdout)
+    assert title and title.group(1) == "loaded:1/1", (title, dom.stderr[-2000:])
+    assert [line for line in dom.stderr.splitlines() if ":CONSOLE" in line] == []

@@ -62,8 +62,9 @@ def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch
     return torch.nonzero(keep).flatten(), val
 
 
-def resolve_source(data: str | None, dataset: str | None) -> tuple[Path, str]:
-    """(local path to read, how to name the source in configs)."""
+def resolve_source(data: str | None, dataset: str | None, notes: list[str] | None = None) -> tuple[Path, str]:
+    """(local path to read, how to name the source in configs). A named dataset may come from a shared
+    data folder; `notes` then says which one."""
     if data and dataset:
         raise CifarlabError("pass either --data SOURCE or --dataset NAME, not both")
     if data:
@@ -72,7 +73,7 @@ def resolve_source(data: str | None, dataset: str | None) -> tuple[Path, str]:
             raise CifarlabError(f"{data}: no such file or folder")
         return path, str(path.resolve())
     name = dataset or "cifar10"
-    return fetch_official(name), name
+    return fetch_official(name, notes), name
 
 
 def load_data(data: str | None = None, dataset: str | None = None, val_split: int | None = None,
@@ -81,7 +82,7 @@ def load_data(data: str | None = None, dataset: str | None = None, val_split: in
 
     val_split None means: 5000 images when the source has no test split, none when it has one.
     """
-    path, source = resolve_source(data, dataset)
+    path, source = resolve_source(data, dataset, notes)
     splits: Splits = load_splits(path, image_size, notes)
     if len(splits.train.classes) < 2:
         raise CifarlabError(f"{path}: only one class ({splits.train.classes[0]}); a classifier needs two or more")
