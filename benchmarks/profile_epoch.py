@@ -32,8 +32,8 @@ def main() -> None:
     config = recipe(args.recipe)
     if args.precision:
         config = dataclasses.replace(config, precision=args.precision)
-    runtime = local_runtime(config)
     bundle = load_data(str(DATA), val_split=config.val_split, seed=config.seed)
+    config, runtime = local_runtime(config, bundle)  # precision and layout as `train` resolves them
     run = build_run(config, bundle, runtime)  # the same model, init, groups, schedule and step as `train`
 
     start = time.perf_counter()

@@ -28,6 +28,7 @@ from cifarlab.config import recipe
 from cifarlab.data import load_data
 from cifarlab.models.catalog import forward_flops
 from cifarlab.models import create_model
+from cifarlab.tuning import describe_cpu, resolve_auto
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -65,6 +66,8 @@ def run_once(recipe_name: str, seed: int, out_root: Path, extra: list[str]) -> d
     to_75 = startup + sum(epoch_seconds[:reached + 1]) if reached is not None else None
     headline = summary["tta"]["accuracy"] if summary.get("tta") else summary["accuracy"]  # the recipe's own TTA
     return {"wall": wall, "accuracy": headline, "images_per_second": summary["images_per_second"],
+            "precision": f"{summary['precision'].removeprefix('torch.')}, "
+                         f"{'channels_last' if summary.get('channels_last') else 'NCHW'}",
             "to_75": to_75, "train_seconds": summary["train_seconds"], "epochs": summary["epochs"]}
 
 
@@ -80,6 +83,7 @@ def describe(name: str, runs: list[dict], peak: float) -> dict:
         "acc_mean": statistics.mean(accuracies), "acc_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
         "images_per_s": ips, "peak_fraction": ips * flops_per_image / peak,
         "median_to_75_s": statistics.median(to_75) if to_75 else None, "all": runs,
+        "precision": runs[0]["precision"],
     }
 
 
@@ -97,11 +101,13 @@ def main() -> None:
 
     dtype = torch.float32 if args.device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.bfloat16
     peak = matmul_peak(dtype, args.device)
-    print(f"machine: {args.device}, {torch.get_num_threads()} threads; measured {dtype} matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s; torch {torch.__version__}")
+    where = describe_cpu() if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"machine: {where}; measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         load_data(str(DATA))  # warms the data cache (decoding is a one-off), not timed
+        for name in {args.recipe, args.baseline} - {""}:  # and the once-per-machine precision/layout timing
+            resolve_auto(recipe(name), torch.device(args.device), 10)
         baseline_extra = ["--epochs", str(args.baseline_epochs)] if args.baseline_epochs else []
         plan = [(args.recipe, args.runs, extra)]
         if args.baseline:
@@ -112,12 +118,14 @@ def main() -> None:
                 print(f"  {name} seed {seed}: {r['wall']:.1f}s, accuracy {100 * r['accuracy']:.2f}%", flush=True)
             rows.append(describe(name, runs, peak))
 
-    print("\n| recipe | runs | accuracy (val, 5000 held out) | median wall s | to 75% s | images/s | of peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| recipe | runs | accuracy (val, 5000 held out) | median wall s | to 75% s | images/s | of peak | "
+          "precision, layout (measured) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         to_75 = f"{r['median_to_75_s']:.1f}" if r["median_to_75_s"] is not None else "not reached"
         print(f"| {r['recipe']} | {r['runs']} | {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f}% | "
-              f"{r['median_wall_s']:.1f} | {to_75} | {r['images_per_s']:.0f} | {100 * r['peak_fraction']:.1f}% |")
+              f"{r['median_wall_s']:.1f} | {to_75} | {r['images_per_s']:.0f} | {100 * r['peak_fraction']:.1f}% | "
+              f"{r['precision']} |")
     # the recipe's whole command counts when its final (TTA) accuracy clears 75%; the baseline's time is
     # to the end of its first epoch at >= 75%
     if len(rows) == 2 and rows[1]["median_to_75_s"] and min(r["accuracy"] for r in rows[0]["all"]) >= 0.75:

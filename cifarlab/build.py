@@ -15,13 +15,14 @@ from torch import nn
 from cifarlab.config import TrainConfig
 from cifarlab.data import Augment, DataBundle, TensorLoader, channel_stats
 from cifarlab.device import autocast_dtype, open_device
-from cifarlab.distributed import DistInfo, shard_log_path
+from cifarlab.distributed import DistInfo, broadcast_object, shard_log_path
 from cifarlab.ema import WeightEMA
 from cifarlab.engine import Step
 from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
 from cifarlab.optim import build_optimizer, build_scheduler, param_groups
 from cifarlab.rundir import ModelInfo
+from cifarlab.tuning import resolve_auto
 
 WHITENING_IMAGES = 5000  # images a data-dependent init sees (the fast net's whitening stem)
 
@@ -35,10 +36,20 @@ class Runtime:
     dist: DistInfo = DistInfo()
 
 
-def local_runtime(config: TrainConfig) -> Runtime:
-    """One process on the config's device, with every core this process may use (lr-find, benchmarks)."""
-    device = open_device(config.device, config.gpu_memory_fraction)
-    return Runtime(device, autocast_dtype(device, config.precision))
+def resolve_runtime(config: TrainConfig, bundle: DataBundle, device: torch.device,
+                    dist: DistInfo = DistInfo()) -> tuple[TrainConfig, Runtime]:
+    """The config with its measured choices made (precision and layout, `tuning`; under torchrun rank
+    0's, so every rank trains alike) and the runtime they imply."""
+    config, note = resolve_auto(config, device, len(bundle.classes))
+    config = broadcast_object(config)
+    if note:
+        print(note)
+    return config, Runtime(device, autocast_dtype(device, config.precision), dist)
+
+
+def local_runtime(config: TrainConfig, bundle: DataBundle) -> tuple[TrainConfig, Runtime]:
+    """One process on the config's device, every core it may use (lr-find, benchmarks, notebooks)."""
+    return resolve_runtime(config, bundle, open_device(config.device, config.gpu_memory_fraction))
 
 
 @dataclass
@@ -69,13 +80,24 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
     groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale)
     optimizer = build_optimizer(config.optimizer, groups, config.momentum)
-    scheduler = build_scheduler(optimizer, config.schedule, config.epochs * len(train_loader),
-                                round(config.warmup_epochs * len(train_loader)))
+    scheduler = make_scheduler(optimizer, config, len(train_loader))
     ema = WeightEMA(model, config.ema) if config.ema else None
     step = Step(wrap_distributed(model, config, runtime), optimizer, runtime.device, scheduler, ema,
                 runtime.amp_dtype, config.label_smoothing, config.clip_grad)
     info = ModelInfo(config.model, model_args, bundle.classes, *stats, config.image_size, config.to_dict())
     return Run(model, step, train_loader, eval_loader, info)
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's length in steps: --max-steps (what --time-budget sets), else whole epochs."""
+    return config.max_steps or config.epochs * steps_per_epoch
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int,
+                   done: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+    """The config's schedule over the run's steps, `done` of them taken already."""
+    return build_scheduler(optimizer, config.schedule, total_steps(config, steps_per_epoch),
+                           round(config.warmup_epochs * steps_per_epoch), done)
 
 
 def make_loaders(bundle: DataBundle, config: TrainConfig, runtime: Runtime,

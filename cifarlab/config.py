@@ -73,6 +73,11 @@ class TrainConfig:
                          at_least(0))
     # optimisation
     epochs: int = option(10, "passes over the training images", at_least(1))
+    time_budget: float = option(0.0, "seconds for training plus the final evaluation: the first steps are timed, "
+                                "then the run's length is fixed so it ends in time, its schedule reaching zero "
+                                "there (replaces --epochs); 0 turns it off", at_least(0))
+    max_steps: int = option(0, "stop after this many steps, the schedule reaching zero there (--time-budget sets "
+                            "it); 0: --epochs whole epochs", at_least(0))
     batch_size: int = option(128, "images per optimisation step", at_least(1))
     lr: float = option(1e-3, "peak learning rate", (lambda v, c: v > 0, "must be greater than 0"))
     optimizer: str = option("adam", "sgd is Nesterov SGD", names=lambda: list(OPTIMIZERS))
@@ -90,11 +95,12 @@ class TrainConfig:
     # machinery
     seed: int = option(0, "seed for the split, initialisation, order and augmentation")
     device: str = option("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
-    precision: str = option("auto", "auto: bf16 on CPUs with native bf16 (else fp32), bf16/fp16 on CUDA; fp16 "
-                          "trains with a gradient scaler", choices=PRECISIONS)
+    precision: str = option("auto", "auto: on a CPU whichever of fp32 and bf16 (where oneDNN has native bf16) "
+                            "trains faster here, measured once (cifarlab.tuning); bf16, else fp16, on CUDA. fp16 "
+                            "trains with a gradient scaler", choices=PRECISIONS)
     eval_batch_size: int = option(1000, "images per evaluation batch", at_least(1))
-    channels_last: bool = option(True, "channels_last memory layout; NCHW can be faster on CPUs for narrow "
-                               "convolutions")
+    channels_last: bool | None = option(None, "memory layout: channels_last, or NCHW with --no-channels-last; "
+                                        "unset, whichever trains faster here (measured once, like precision)")
     tta: int = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px "
                     "shifts", choices=(0, 1, 2))
     gpu_memory_fraction: float | None = option(None, "cap this process's share of the GPU's memory, in (0, 1], "
@@ -148,13 +154,14 @@ RECIPES: dict[str, TrainConfig] = {
         optimizer="sgd", lr=0.001465 * 1024, momentum=0.85, weight_decay=0.0153 / 11.5, bias_lr_scale=64,
         label_smoothing=0.2, schedule="onecycle", warmup_epochs=2.3, tta=2,
     ),
-    # fast94's method shrunk to the least compute that still clears 75% on 2 CPU cores: a quarter-width
-    # net, 2 epochs, smaller batches (more steps per epoch), and NCHW, which beat channels_last for
-    # these narrow convolutions on AVX2 CPUs (docs/speed.md).
+    # fast94's method shrunk to what clears 75% fastest on 2 CPU cores: a quarter-width net whose
+    # whitening stem has stride 2 (every later layer runs at 16x16: a quarter of the FLOPs; 5x the
+    # images/s of the stride-1 net), batch 512, 3 epochs; precision and layout measured per machine.
+    # Chosen on the validation split (docs/speed.md has the table).
     "fast75": TrainConfig(
-        recipe="fast75", model="fast_net", model_args={"widths": [32, 64, 128]}, epochs=2, batch_size=256,
-        optimizer="sgd", lr=0.001465 * 256, momentum=0.85, weight_decay=0.0153 / 11.5, bias_lr_scale=64,
-        label_smoothing=0.2, schedule="onecycle", warmup_epochs=0.46, tta=2, channels_last=False,
+        recipe="fast75", model="fast_net", model_args={"widths": [32, 64, 128], "whiten_stride": 2}, epochs=3,
+        batch_size=512, optimizer="sgd", lr=0.001465 * 512, momentum=0.85, weight_decay=0.0153 / 11.5,
+        bias_lr_scale=64, label_smoothing=0.2, schedule="onecycle", warmup_epochs=0.69, tta=2,
     ),
     # He et al. (2015) section 4.2 on a cosine schedule: SGD (Nesterov) 0.1, momentum 0.9, weight decay
     # 1e-4 on weights only, batch 128, 4-px translations and flips; the paper reports 93.0% on the test set.

@@ -15,11 +15,14 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from cifarlab.errors import CifarlabError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,14 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
-def broadcast_path(path: Path | None) -> Path:
-    """Rank 0's path on every rank (rank 0 decides the run folder's name; the others only learn it)."""
+def broadcast_object(value: T) -> T:
+    """Rank 0's value on every rank (rank 0 names the run folder and makes the measured choices; the
+    others only learn them). Pickled between our own processes only."""
     if not (dist.is_available() and dist.is_initialized()):
-        return path
-    box = [str(path) if path is not None else None]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
-    return Path(box[0])
+    return box[0]
 
 
 def shard_log_path(info: DistInfo) -> Path | None:

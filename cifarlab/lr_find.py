@@ -66,9 +66,9 @@ def lr_range_test(config: TrainConfig, steps: int = 200, start_lr: float = 1e-7,
     if steps < 10:
         raise CifarlabError(f"--steps {steps}: must be 10 or more")
     config = dataclasses.replace(config, lr=start_lr, schedule="constant", warmup_epochs=0.0).validate()
-    runtime = local_runtime(config)
-    torch.manual_seed(config.seed)
     bundle = load_data(config.data, config.dataset, config.val_split, config.seed, config.image_size)
+    config, runtime = local_runtime(config, bundle)
+    torch.manual_seed(config.seed)
     run = build_run(config, bundle, runtime)
     factor = (end_lr / start_lr) ** (1 / (steps - 1))
     run.step.scheduler = torch.optim.lr_scheduler.ExponentialLR(run.step.optimizer, gamma=factor)

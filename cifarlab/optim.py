@@ -52,9 +52,12 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
 }
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int,
-                    warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step schedule (stepped after every batch)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: int, warmup_steps: int = 0,
+                    done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule (stepped after every batch); `done` steps already taken (a schedule replaced
+    part-way, as --time-budget does once it knows the run's length)."""
     if name not in SCHEDULES:
         raise unknown_name("schedule", name, list(SCHEDULES))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then(SCHEDULES[name], warmup_steps, total_steps))
+    factor = _warmup_then(SCHEDULES[name], warmup_steps, total_steps)
+    # with last_epoch k - 1 torch takes each group's initial_lr and steps once: the rate of step k
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done - 1)

@@ -302,11 +302,15 @@ class MetricsLog:
 # --- the summary -----------------------------------------------------------------------------------
 
 def versions() -> dict:
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
     from cifarlab import __version__
 
-    return {"cifarlab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    try:  # read from the installed metadata: importing torchvision only for this took about a second
+        torchvision = version("torchvision")
+    except PackageNotFoundError:
+        torchvision = None
+    return {"cifarlab": __version__, "torch": torch.__version__, "torchvision": torchvision,
             "python": platform.python_version(), "platform": platform.platform()}
 
 

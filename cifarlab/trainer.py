@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifarlab.build import Run, Runtime, build_run
+from cifarlab.budget import TimeBudget
+from cifarlab.build import Run, Runtime, build_run, resolve_runtime, total_steps
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
-from cifarlab.device import autocast_dtype, gpu_memory_fraction, limit_gpu_memory, pick_device, set_cpu_threads
-from cifarlab.distributed import all_reduce_mean, broadcast_path, env_info, report_failure, setup, teardown
+from cifarlab.device import gpu_memory_fraction, limit_gpu_memory, pick_device, set_cpu_threads
+from cifarlab.distributed import (DistInfo, all_reduce_mean, broadcast_object, env_info, report_failure, setup,
+                                  teardown)
 from cifarlab.engine import evaluate, train_step
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import write_eval_views
@@ -71,13 +73,14 @@ def run_training(config: TrainConfig, out: str | None = None, tensorboard: bool 
 
 def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History, EvalResult | None]:
     """The epochs from the session's start on. Rank 0 logs, checkpoints, and stops cleanly on a signal
-    (after saving); the other ranks train and evaluate. Returns the history (a resumed run's earlier
-    epochs, then these) and the last evaluation (None when nothing is evaluated or no epoch ran)."""
+    (after saving); the other ranks train and evaluate. Under --time-budget the first steps are timed
+    and the run's length fixed from them. Returns the history (a resumed run's earlier epochs, then
+    these) and the last evaluation (None when nothing is evaluated or no epoch ran)."""
     config, run, start, runtime = session.config, session.run, session.start, session.runtime
-    main = runtime.dist.is_main
+    main, steps_per_epoch = runtime.dist.is_main, len(run.train_loader)
     history = History(list(start.done))
     # other ranks: no live bar (their stdout, /dev/null by now, is no terminal)
-    progress = EpochProgress(config.epochs, len(run.train_loader), session.bundle.eval_split,
+    progress = EpochProgress(config.epochs, steps_per_epoch, session.bundle.eval_split,
                              bar_stream=None if main else sys.stdout)
     log = stack.enter_context(contextlib.closing(MetricsLog(session.run_dir, session.tensorboard))) if main else None
     for record in history.records if main else []:
@@ -85,31 +88,51 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
     # the other ranks keep the default SIGTERM: torchrun's agent ends them with it when a rank fails
     stop = stack.enter_context(StopSignals()) if main else StopSignals()
     saver = Checkpointer(session.run_dir, config, run, history) if main else None
-    last_eval = None
+    budget = _time_budget(session)
+    last_eval, epoch = None, start.epoch
     try:
-        for epoch in range(start.epoch, config.epochs + 1):
+        while epoch <= config.epochs:  # a time budget may change the number of epochs in the first one
             started = time.perf_counter()
-            resumed = start.sums if epoch == start.epoch else None
-            sums = resumed or EpochSums.zeros(runtime.device, run.step.optimizer.param_groups[0]["lr"])
+            sums = (start.sums if epoch == start.epoch else None) or EpochSums.zeros(
+                runtime.device, run.step.optimizer.param_groups[0]["lr"])
             progress.start_epoch(epoch)
             run.step.model.train()
             for batch in run.train_loader:
                 loss, _ = train_step(run.step, batch, sums)
                 progress.on_batch(sums.batches, loss)
+                if budget is not None and (planned := budget.after_step(loss)) is not None:
+                    config = session.config = planned
+                    progress.n_epochs = planned.epochs
+                    if saver is not None:
+                        saver.config = planned
                 if saver is not None:
                     saver.after_step(epoch, sums, stop.requested)
+                if (epoch - 1) * steps_per_epoch + sums.batches == total_steps(config, steps_per_epoch) \
+                        and sums.batches < steps_per_epoch:
+                    break  # --max-steps (or the time budget's plan) ends the run part-way through an epoch
             last_eval = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype)
-                         if run.eval_loader is not None else None)
+                         if run.eval_loader is not None and (epoch == config.epochs or not config.time_budget)
+                         else None)
             record = _epoch_record(epoch, sums, last_eval, time.perf_counter() - started, runtime)
             progress.end_epoch(record)
             history.records.append(record)
             if main:
                 log.write(record)
                 saver.end_epoch(record, stop.requested)
+            epoch += 1
     except torch.cuda.OutOfMemoryError:
         raise out_of_memory(runtime.device, config) from None
     stop.restore()  # the run's files are written next: Ctrl-C interrupts them as usual
     return history, last_eval
+
+
+def _time_budget(session: Session) -> TimeBudget | None:
+    """The planner of a budgeted run that has not been planned yet (a resumed one keeps its plan)."""
+    config = session.config
+    if not config.time_budget or config.max_steps:
+        return None
+    split = session.bundle.eval_split
+    return TimeBudget(config, session.run, time.perf_counter(), len(session.bundle.split(split)) if split else 0)
 
 
 def _epoch_record(epoch: int, sums: EpochSums, val: EvalResult | None, seconds: float,
@@ -132,13 +155,14 @@ def open_session(config: TrainConfig, out: str | None, tensorboard: bool, resume
         run_dir, state = _open_checkpoint(resume, stack)
         config = TrainConfig.from_dict(state["config"])
     config = config.validate()
-    runtime = _start_processes(config, stack)
-    threads = set_cpu_threads(runtime.dist.local_world) if runtime.device.type == "cpu" else None
-    seed_everything(config.seed)
+    dist_info, device = _start_processes(config, stack)
+    threads = set_cpu_threads(dist_info.local_world) if device.type == "cpu" else None
     notes: list[str] = []
     bundle = load_data(config.data, config.dataset, config.val_split, config.seed, config.image_size, notes)
     for note in notes:
         print(note)
+    config, runtime = resolve_runtime(config, bundle, device, dist_info)  # precision and layout, measured
+    seed_everything(config.seed)
     if tensorboard:
         require_tensorboard()  # before the run folder exists: a missing package leaves nothing behind
     if state is None:  # only after the data loaded: a bad source leaves no folder
@@ -190,7 +214,7 @@ def _open_checkpoint(resume: str, stack: contextlib.ExitStack) -> tuple[Path, di
     return run_dir, open_checkpoint(run_dir)
 
 
-def _start_processes(config: TrainConfig, stack: contextlib.ExitStack) -> Runtime:
+def _start_processes(config: TrainConfig, stack: contextlib.ExitStack) -> tuple[DistInfo, torch.device]:
     """Join torchrun's process group if this process is one of its ranks; silence the other ranks."""
     dist_info, device = setup(pick_device(config.device))  # one process unless torchrun started this one
     stack.callback(teardown)
@@ -202,7 +226,7 @@ def _start_processes(config: TrainConfig, stack: contextlib.ExitStack) -> Runtim
     note = limit_gpu_memory(gpu_memory_fraction(config.gpu_memory_fraction), device)  # this rank's own GPU
     if note:
         print(note)
-    return Runtime(device, autocast_dtype(device, config.precision), dist_info)
+    return dist_info, device
 
 
 def _create_run_dir(out: str | None, config: TrainConfig, runtime: Runtime, stack: contextlib.ExitStack) -> Path:
@@ -211,7 +235,7 @@ def _create_run_dir(out: str | None, config: TrainConfig, runtime: Runtime, stac
     if runtime.dist.is_main:
         run_dir = new_run_dir(out, config.recipe)
         stack.enter_context(RunLock(run_dir))
-    return broadcast_path(run_dir)
+    return broadcast_object(run_dir)
 
 
 def out_of_memory(device: torch.device, config: TrainConfig) -> CifarlabError:
@@ -228,6 +252,7 @@ def out_of_memory(device: torch.device, config: TrainConfig) -> CifarlabError:
 def write_results(session: Session, history: History, last_eval: EvalResult | None, train_seconds: float) -> None:
     """model.pt, curves.png, the evaluation views, test-time augmentation once, then summary.json."""
     config, run, bundle, runtime = session.config, session.run, session.bundle, session.runtime
+    write_json(session.run_dir / CONFIG_FILE, config.to_dict())  # again: a time budget's plan is in it now
     save_model(session.run_dir / MODEL_FILE, run.final_model, run.info)
     save_figure(draw_curves(history, config.epochs), session.run_dir / CURVES_FILE)
     split = bundle.eval_split
@@ -238,9 +263,10 @@ def write_results(session: Session, history: History, last_eval: EvalResult | No
                          {"split": split, "data": bundle.source})
     # test-time augmentation once, on the final weights: epochs are compared without it (cheaper, and
     # what `eval` reports by default); the recipe's headline figure is this one (`eval --tta N`)
+    tta_started = time.perf_counter()
     tta = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype, config.tta)
            if config.tta and run.eval_loader is not None else None)
-    summary = _summary(session, history, tta, train_seconds)
+    summary = _summary(session, history, tta, train_seconds, time.perf_counter() - tta_started)
     finish_run(session.run_dir, summary)
     final = f"{split} accuracy {100 * summary['accuracy']:.2f}%" if summary["accuracy"] is not None else "done"
     if tta is not None:
@@ -248,13 +274,16 @@ def write_results(session: Session, history: History, last_eval: EvalResult | No
     print(f"{final} after {config.epochs} epochs in {summary['wall_seconds']:.1f}s; wrote {session.run_dir}")
 
 
-def _summary(session: Session, history: History, tta: EvalResult | None, train_seconds: float) -> dict:
-    """What summary.json holds: the result, how long it took and on what."""
+def _summary(session: Session, history: History, tta: EvalResult | None, train_seconds: float,
+             tta_seconds: float) -> dict:
+    """What summary.json holds: the result, how long it took and on what (and a time budget's plan:
+    the steps chosen and the seconds its training and final evaluation took)."""
     config, run, start, runtime = session.config, session.run, session.start, session.runtime
     last, split = history.records[-1], session.bundle.eval_split
     # this process's steps only: a resumed run's earlier steps were timed by the run that made them
-    steps_run = ((config.epochs - start.epoch + 1) * len(run.train_loader)
-                 - (start.sums.batches if start.sums else 0))
+    steps_per_epoch = len(run.train_loader)
+    steps_run = (total_steps(config, steps_per_epoch)
+                 - (start.epoch - 1) * steps_per_epoch - (start.sums.batches if start.sums else 0))
     return {
         "recipe": config.recipe, "model": config.model, "eval_split": split,
         "parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
@@ -265,5 +294,7 @@ def _summary(session: Session, history: History, tta: EvalResult | None, train_s
         "wall_seconds": round(time.perf_counter() - session.started, 3), "train_seconds": round(train_seconds, 3),
         "images_per_second": round(steps_run * config.batch_size / train_seconds, 1),
         "device": device_description(runtime.device), "threads": session.threads, "processes": runtime.dist.world,
-        "precision": str(runtime.amp_dtype or torch.float32),
+        "precision": str(runtime.amp_dtype or torch.float32), "channels_last": config.channels_last,
+        "time_budget": ({"seconds": config.time_budget, "steps": config.max_steps,
+                         "used_seconds": round(train_seconds + tta_seconds, 3)} if config.time_budget else None),
     }

@@ -87,10 +87,12 @@ def test_lr_find_on_fast75_sweeps_the_whitened_network_with_training_parameter_g
     result = lr_find.lr_range_test(config, steps=12, start_lr=1e-4, end_lr=1e-1)
     whiten, contiguous, first_lrs = seen[0]
 
-    trained = build_run(dataclasses.replace(config, lr=1e-4), load_data(config.data, val_split=0), local_runtime(config))
+    bundle = load_data(config.data, val_split=0)
+    resolved, runtime = local_runtime(dataclasses.replace(config, lr=1e-4), bundle)
+    trained = build_run(resolved, bundle, runtime)
     assert torch.equal(whiten, trained.model.whiten.weight)  # the same data-dependent init as training
     assert not torch.equal(whiten, create_model("fast_net", widths=[8, 8, 8], num_classes=3).whiten.weight)
-    assert contiguous and not config.channels_last  # the recipe's NCHW layout, not a forced channels_last
+    assert contiguous == (not resolved.channels_last)  # the layout training resolves to, not a forced one
     assert first_lrs == [group["initial_lr"] for group in trained.step.optimizer.param_groups]  # before warm-up
     for lrs in seen[1:]:
         assert lrs[1] / lrs[0] == pytest.approx(config.bias_lr_scale)  # the groups' ratio survives the sweep

@@ -10,39 +10,46 @@ engine) is the one loss that takes them, and equals plain cross-entropy when not
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
-
-NEAREST = InterpolationMode.NEAREST
 
 
-def _affine(images: torch.Tensor, **kwargs) -> torch.Tensor:
-    args = {"angle": 0.0, "translate": [0, 0], "scale": 1.0, "shear": [0.0, 0.0], **kwargs}
-    return TF.affine(images, interpolation=NEAREST, center=[0, 0], **args)
+@functools.cache
+def _ops() -> dict[str, tuple[Callable[[torch.Tensor, float], torch.Tensor], float]]:
+    """name -> (op(images uint8 [n, 3, h, w], signed magnitude), largest magnitude), as torchvision's
+    RandAugment. torchvision is imported here, on first use: most runs never need it, and it costs
+    about a second of every start-up otherwise."""
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    nearest = InterpolationMode.NEAREST
+
+    def affine(images: torch.Tensor, **kwargs) -> torch.Tensor:
+        args = {"angle": 0.0, "translate": [0, 0], "scale": 1.0, "shear": [0.0, 0.0], **kwargs}
+        return TF.affine(images, interpolation=nearest, center=[0, 0], **args)
+
+    return {
+        "identity": (lambda x, v: x, 0.0),
+        "shear_x": (lambda x, v: affine(x, shear=[math.degrees(math.atan(v)), 0.0]), 0.3),
+        "shear_y": (lambda x, v: affine(x, shear=[0.0, math.degrees(math.atan(v))]), 0.3),
+        "translate_x": (lambda x, v: affine(x, translate=[int(v * x.shape[-1]), 0]), 150 / 331),
+        "translate_y": (lambda x, v: affine(x, translate=[0, int(v * x.shape[-2])]), 150 / 331),
+        "rotate": (lambda x, v: TF.rotate(x, v, interpolation=nearest), 30.0),
+        "brightness": (lambda x, v: TF.adjust_brightness(x, 1 + v), 0.9),
+        "color": (lambda x, v: TF.adjust_saturation(x, 1 + v), 0.9),
+        "contrast": (lambda x, v: TF.adjust_contrast(x, 1 + v), 0.9),
+        "sharpness": (lambda x, v: TF.adjust_sharpness(x, 1 + v), 0.9),
+        "posterize": (lambda x, v: TF.posterize(x, 8 - round(abs(v))), 4.0),
+        "solarize": (lambda x, v: TF.solarize(x, 255 * (1 - abs(v))), 1.0),
+        "autocontrast": (lambda x, v: TF.autocontrast(x), 0.0),
+        "equalize": (lambda x, v: TF.equalize(x), 0.0),
+    }
 
 
-# name -> (op(images uint8 [n, 3, h, w], signed magnitude), largest magnitude); as torchvision's RandAugment
-_OPS: dict[str, tuple[Callable[[torch.Tensor, float], torch.Tensor], float]] = {
-    "identity": (lambda x, v: x, 0.0),
-    "shear_x": (lambda x, v: _affine(x, shear=[math.degrees(math.atan(v)), 0.0]), 0.3),
-    "shear_y": (lambda x, v: _affine(x, shear=[0.0, math.degrees(math.atan(v))]), 0.3),
-    "translate_x": (lambda x, v: _affine(x, translate=[int(v * x.shape[-1]), 0]), 150 / 331),
-    "translate_y": (lambda x, v: _affine(x, translate=[0, int(v * x.shape[-2])]), 150 / 331),
-    "rotate": (lambda x, v: TF.rotate(x, v, interpolation=NEAREST), 30.0),
-    "brightness": (lambda x, v: TF.adjust_brightness(x, 1 + v), 0.9),
-    "color": (lambda x, v: TF.adjust_saturation(x, 1 + v), 0.9),
-    "contrast": (lambda x, v: TF.adjust_contrast(x, 1 + v), 0.9),
-    "sharpness": (lambda x, v: TF.adjust_sharpness(x, 1 + v), 0.9),
-    "posterize": (lambda x, v: TF.posterize(x, 8 - round(abs(v))), 4.0),
-    "solarize": (lambda x, v: TF.solarize(x, 255 * (1 - abs(v))), 1.0),
-    "autocontrast": (lambda x, v: TF.autocontrast(x), 0.0),
-    "equalize": (lambda x, v: TF.equalize(x), 0.0),
-}
 MAX_LEVEL = 30  # magnitudes run 0..30, as in the RandAugment paper and torchvision
 
 
@@ -53,14 +60,15 @@ def rand_augment(images: torch.Tensor, ops: int, magnitude: int, generator: torc
     round costs 14-28 batched calls whatever the batch size. Magnitude is fixed (`magnitude`/30 of
     each op's range), the sign random per image, as torchvision does it per image.
     """
-    names = list(_OPS)
+    table = _ops()
+    names = list(table)
     out = images
     for _ in range(ops):
         choice = torch.randint(len(names), (len(images),), generator=generator)
         negative = torch.rand(len(images), generator=generator) < 0.5
         out = out.clone()
         for k, name in enumerate(names):
-            op, largest = _OPS[name]
+            op, largest = table[name]
             for sign in (1.0, -1.0):
                 chosen = torch.nonzero((choice == k) & (negative == (sign < 0))).flatten().to(images.device)
                 if len(chosen):

@@ -1,0 +1,93 @@
+"""Accuracy reached within a wall-clock budget: `cifarlab train --time-budget B` per recipe and budget.
+
+Each run is the whole command in a fresh process (warm data cache); the budget covers training and
+the final evaluation, as `--time-budget` promises. Prints one table and draws accuracy against
+seconds, one line per recipe:
+
+    python benchmarks/time_budget.py --recipes fast75 seed --budgets 30 60 120 300 --plot docs/time_budget.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cifarlab.config import recipe
+from cifarlab.data import load_data
+from cifarlab.tuning import describe_cpu, resolve_auto
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+
+
+def run_once(recipe: str, budget: float, out: Path) -> dict:
+    command = [sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--recipe", recipe,
+               "--time-budget", str(budget), "--out", str(out)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    summary = json.loads((out / "summary.json").read_text())
+    tta = summary["tta"]["accuracy"] if summary.get("tta") else None
+    return {"recipe": recipe, "budget": budget, "accuracy": tta if tta is not None else summary["accuracy"],
+            "plain": summary["accuracy"], "used": summary["time_budget"]["used_seconds"],
+            "steps": summary["time_budget"]["steps"], "wall": wall, "precision": summary["precision"],
+            "channels_last": summary.get("channels_last")}
+
+
+def draw(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == recipe]
+        ax.plot([r["budget"] for r in mine], [100 * r["accuracy"] for r in mine], marker="o", label=recipe)
+    ax.axhline(75, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r["budget"] for r in rows}), [f"{r:g}" for r in sorted({r["budget"] for r in rows})])
+    ax.set_xlabel("--time-budget (s): training + final evaluation")
+    ax.set_ylabel("validation accuracy (%), 5,000 held out")
+    ax.set_title("Best model in a time budget", fontsize=11)
+    figure.suptitle(describe_cpu(), fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["fast75", "seed"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[30, 60, 120, 300])
+    parser.add_argument("--plot", type=Path, help="write the accuracy-against-seconds plot here (PNG)")
+    args = parser.parse_args()
+    load_data(str(DATA))  # warms the data cache (decoding is a one-off), not timed
+    for name in args.recipes:  # and the once-per-machine precision/layout timing
+        resolve_auto(recipe(name), torch.device("cpu"), 10)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes:
+            for budget in args.budgets:
+                rows.append(run_once(recipe, budget, Path(tmp) / f"{recipe}-{budget:g}"))
+                r = rows[-1]
+                print(f"  {recipe} {budget:g}s: {100 * r['accuracy']:.2f}% ({r['steps']} steps, "
+                      f"{r['used']:.1f}s used, {r['wall']:.1f}s whole command)", flush=True)
+    layouts = sorted({f"{r['recipe']}: {r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}"
+                      for r in rows})
+    print(f"\nmachine: {describe_cpu()}; measured choices: {'; '.join(layouts)}")
+    print("| recipe | budget s | accuracy (TTA) | plain | steps | training + evaluation s | whole command s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['budget']:g} | {100 * r['accuracy']:.2f}% | {100 * r['plain']:.2f}% | "
+              f"{r['steps']} | {r['used']:.1f} | {r['wall']:.1f} |")
+    if args.plot:
+        draw(rows, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

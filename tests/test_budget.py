@@ -1,0 +1,63 @@
+"""--time-budget: the run times its first steps, plans its length from them, and ends in time."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from cifarlab.cli import main
+
+TINY = ["--model", "cifar10_cnn", "--batch-size", "8", "--val-split", "12", "--seed", "1", "--device", "cpu"]
+
+
+@pytest.fixture
+def images(tmp_path: Path, image_folder_writer) -> Path:
+    image_folder_writer(tmp_path / "images", {name: 40 for name in ("cat", "dog", "frog")})
+    return tmp_path / "images"
+
+
+def test_a_budgeted_run_plans_its_steps_from_its_step_time_and_ends_in_time(images: Path, tmp_path: Path,
+                                                                          monkeypatch, capsys) -> None:
+    """Each step made to take 40 ms more: the plan must follow the measured time, not a guess."""
+    import cifarlab.trainer as trainer_module
+
+    real_step = trainer_module.train_step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.04)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", slow_step)
+    budget, run = 3.0, tmp_path / "run"
+    assert main(["train", "--data", str(images), *TINY, "--time-budget", str(budget), "--out", str(run)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    steps = summary["time_budget"]["steps"]
+    assert config["max_steps"] == steps and f"so {steps} steps" in printed
+    assert 25 <= steps <= budget / 0.04  # about 0.92 * 3 s / (40 ms + a tiny step): planned from the time
+    assert summary["time_budget"]["used_seconds"] <= budget + 2.0  # noisy machines: a generous margin
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == config["epochs"] == -(-steps // 13)  # 108 images, batch 8: 13 steps an epoch
+    assert all(row.split(",")[4] == "" for row in rows[:-1]) and rows[-1].split(",")[4] != ""  # last epoch only
+
+
+def test_a_budget_too_small_for_a_useful_run_says_the_least_that_would_do(images: Path, tmp_path: Path,
+                                                                          monkeypatch, capsys) -> None:
+    import cifarlab.trainer as trainer_module
+
+    real_step = trainer_module.train_step
+    monkeypatch.setattr(trainer_module, "train_step", lambda *a, **k: time.sleep(0.05) or real_step(*a, **k))
+    assert main(["train", "--data", str(images), *TINY, "--time-budget", "0.3", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--time-budget 0.3: too small for a useful run here" in err and "need at least" in err
+
+
+def test_max_steps_ends_the_run_part_way_through_an_epoch(images: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(images), *TINY, "--epochs", "2", "--max-steps", "20", "--out", str(run)]) == 0
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2  # 13 steps, then 7 of the second epoch
+    assert json.loads((run / "summary.json").read_text())["images_per_second"] > 0

@@ -1,0 +1,67 @@
+"""Precision and layout on a CPU come from timing the run's own model, once per machine, never from a flag alone."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from cifarlab import tuning
+from cifarlab.cli import main
+from cifarlab.config import TrainConfig
+
+import torch
+
+CPU = torch.device("cpu")
+TINY = TrainConfig(model="cifar10_cnn", model_args={"channels": [4, 4, 8, 8], "hidden": 16}, batch_size=8)
+
+
+def test_the_fastest_measured_candidate_wins_and_is_remembered(monkeypatch) -> None:
+    speeds = {("fp32", False): 100.0, ("fp32", True): 300.0, ("bf16", False): 200.0, ("bf16", True): 250.0}
+    calls = []
+
+    def fake(config, num_classes, precision, channels_last):
+        calls.append((precision, channels_last))
+        return speeds[(precision, channels_last)]
+
+    monkeypatch.setattr(tuning, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(tuning, "_images_per_second", fake)
+    resolved, note = tuning.resolve_auto(TINY, CPU, 3)
+    assert (resolved.precision, resolved.channels_last) == ("fp32", True)
+    assert sorted(calls) == sorted(speeds) and "fp32/channels_last 300" in note
+    calls.clear()
+    again, note = tuning.resolve_auto(TINY, CPU, 3)  # the table in the cache folder answers
+    assert again == resolved and note is None and not calls
+    other, _ = tuning.resolve_auto(dataclasses.replace(TINY, batch_size=16), CPU, 3)  # another key: measured
+    assert calls
+
+
+def test_bf16_is_not_tried_without_native_kernels_and_given_choices_are_kept(monkeypatch) -> None:
+    tried = []
+    monkeypatch.setattr(tuning, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(tuning, "_images_per_second", lambda c, n, p, cl: tried.append(p) or (2.0 if cl else 1.0))
+    resolved, _ = tuning.resolve_auto(TINY, CPU, 3)
+    assert set(tried) == {"fp32"} and (resolved.precision, resolved.channels_last) == ("fp32", True)
+    tried.clear()
+    fixed = dataclasses.replace(TINY, precision="bf16", channels_last=False)
+    assert tuning.resolve_auto(fixed, CPU, 3) == (fixed, None) and not tried
+
+
+def test_a_real_measurement_gives_positive_speeds_for_every_candidate() -> None:
+    for precision in ("fp32", "bf16"):
+        for channels_last in (False, True):
+            assert tuning._images_per_second(TINY, 3, precision, channels_last) > 0
+
+
+def test_the_run_records_what_was_chosen(tmp_path: Path, image_folder_writer, capsys) -> None:
+    image_folder_writer(tmp_path / "images", {name: 10 for name in ("cat", "dog")})
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "images"), "--model", "cifar10_cnn", "--epochs", "1",
+                 "--batch-size", "8", "--val-split", "4", "--out", str(run)]) == 0
+    assert "measured training speed (images/s) on this CPU" in capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert config["precision"] in ("fp32", "bf16") and isinstance(config["channels_last"], bool)
+    assert summary["channels_last"] == config["channels_last"]
+    assert summary["precision"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[config["precision"]]
