@@ -23,31 +23,39 @@ from cifarlab.engine import train_step
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="fast75")
+    parser.add_argument("--data", default=str(DATA), help="the training source (default: the shared archive)")
     parser.add_argument("--steps", type=int, default=40, help="training steps to time and profile")
     parser.add_argument("--precision", help="override the recipe's precision (auto, fp32, bf16, fp16)")
     args = parser.parse_args()
     config = recipe(args.recipe)
     if args.precision:
         config = dataclasses.replace(config, precision=args.precision)
-    bundle = load_data(str(DATA), val_split=config.val_split, seed=config.seed)
+    bundle = load_data(args.data, val_split=config.val_split, seed=config.seed)
     config, runtime = local_runtime(config, bundle)  # precision and layout as `train` resolves them
     run = build_run(config, bundle, runtime)  # the same model, init, groups, schedule and step as `train`
 
     start = time.perf_counter()
     batches = [batch for _, batch in zip(range(args.steps), run.train_loader)]
+    synchronize(runtime.device)
     loader_seconds = time.perf_counter() - start
 
     run.step.model.train()
     train_step(run.step, batches[0])  # warm-up (oneDNN primitive creation)
     start = time.perf_counter()
     for batch in batches[1:]:
-        loss, _ = train_step(run.step, batch)
-    loss.item()  # wait for the last step (a GPU runs ahead of the host)
+        train_step(run.step, batch)
+    synchronize(runtime.device)  # wait for the last step (a GPU runs ahead of the host)
     step_seconds = (time.perf_counter() - start) * len(batches) / (len(batches) - 1)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for batch in batches[1:6]:
             train_step(run.step, batch)
 
@@ -57,7 +65,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"loader: {loader_seconds * per_epoch:.2f} s/epoch; steps: {step_seconds * per_epoch:.2f} s/epoch; "
           f"loader share {100 * loader_seconds / (loader_seconds + step_seconds):.1f}%")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    sort = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=12))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class TimeBudget:
         planned = broadcast_object(planned)  # under torchrun every rank follows rank 0's plan
         step = self.run.step
         step.scheduler = make_scheduler(step.optimizer, planned, steps_per_epoch, done)
+        if step.lookahead is not None:
+            step.lookahead.total_steps = steps
         print(f"time budget {config.time_budget:g} s: {step_seconds * 1000:.0f} ms a step, so {steps} steps "
               f"({steps / steps_per_epoch:.2f} epochs) and about {eval_seconds:.1f} s of final evaluation")
         return planned

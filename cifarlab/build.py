@@ -16,7 +16,7 @@ from cifarlab.config import TrainConfig
 from cifarlab.data import Augment, DataBundle, TensorLoader, channel_stats
 from cifarlab.device import autocast_dtype, open_device
 from cifarlab.distributed import DistInfo, broadcast_object, shard_log_path
-from cifarlab.ema import WeightEMA
+from cifarlab.ema import Lookahead, WeightEMA
 from cifarlab.engine import Step
 from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
@@ -76,14 +76,16 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
         model_args["image_size"] = config.image_size
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = create_model(config.model, **model_args).to(runtime.device, memory_format=layout)
-    data_dependent_init(model, bundle, runtime.device, stats)
+    data_dependent_init(model, bundle, runtime.device, stats, config.seed)
     train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
     groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale)
     optimizer = build_optimizer(config.optimizer, groups, config.momentum)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     ema = WeightEMA(model, config.ema) if config.ema else None
-    step = Step(wrap_distributed(model, config, runtime), optimizer, runtime.device, scheduler, ema,
-                runtime.amp_dtype, config.label_smoothing, config.clip_grad)
+    lookahead = Lookahead(model, total_steps(config, len(train_loader))) if config.lookahead else None
+    step = Step(wrap_distributed(model, config, runtime), optimizer, runtime.device, scheduler=scheduler, ema=ema,
+                lookahead=lookahead, amp_dtype=runtime.amp_dtype, label_smoothing=config.label_smoothing,
+                clip_grad=config.clip_grad)
     info = ModelInfo(config.model, model_args, bundle.classes, *stats, config.image_size, config.to_dict())
     return Run(model, step, train_loader, eval_loader, info)
 
@@ -117,12 +119,15 @@ def make_loaders(bundle: DataBundle, config: TrainConfig, runtime: Runtime,
 
 
 def data_dependent_init(model: nn.Module, bundle: DataBundle, device: torch.device,
-                        stats: tuple[list[float], list[float]]) -> None:
-    """Models that set weights from data (the fast net's whitening stem) get the first training images,
-    normalised as the loader will: the same images on every rank and every run, so it is reproducible."""
+                        stats: tuple[list[float], list[float]], seed: int = 0) -> None:
+    """Models that set weights from data (the fast net's whitening stem) get a seeded random sample of
+    the training images, normalised as the loader will: the same on every rank, so it is reproducible.
+    Random, not the first images: an image folder is read class by class, so its first 5,000 images
+    are all airplanes."""
     init = getattr(model, "init_from_data", None)
     if init is not None:
-        sample = bundle.train.subset(torch.arange(min(WHITENING_IMAGES, len(bundle.train))))
+        order = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))
+        sample = bundle.train.subset(order[:WHITENING_IMAGES].sort().values)
         images, _ = next(iter(TensorLoader(sample, len(sample), device, stats)))
         init(images)
 

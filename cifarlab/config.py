@@ -90,6 +90,8 @@ class TrainConfig:
     bias_lr_scale: float = option(1.0, "lr multiplier for 1-D parameters (norm shifts, biases), as airbench does",
                                 (lambda v, c: v > 0, "must be greater than 0"))
     clip_grad: float = option(0.0, "clip the gradient norm to this; 0 turns it off", at_least(0))
+    lookahead: bool = option(False, "airbench's lookahead: every 5 steps the weights move to a slow average of "
+                                    "themselves that tightens towards the end")
     ema: float = option(0.0, "evaluate and save an exponential moving average of the weights with this decay "
                       "(e.g. 0.999); 0 turns it off", in_unit())
     # machinery

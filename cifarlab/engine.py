@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.device import autocast
-from cifarlab.ema import WeightEMA
+from cifarlab.ema import Lookahead, WeightEMA
 from cifarlab.records import EpochRecord, EpochSums, EvalResult, History
 
 
@@ -42,6 +42,7 @@ class Step:
     device: torch.device
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every batch
     ema: WeightEMA | None = None  # updated after every step
+    lookahead: Lookahead | None = None  # every few steps, pulls the weights towards their slow average
     amp_dtype: torch.dtype | None = None  # autocast dtype; None: fp32
     label_smoothing: float = 0.0
     clip_grad: float = 0.0  # max gradient norm; 0: no clipping
@@ -74,6 +75,8 @@ def train_step(step: Step, batch: Sequence, sums: EpochSums | None = None) -> tu
     step.scaler.update()
     if step.scheduler is not None:
         step.scheduler.step()
+    if step.lookahead is not None:
+        step.lookahead.update(step.model)
     if step.ema is not None:
         step.ema.update(step.model)
     loss, accuracy = loss.detach().float(), (output.detach().argmax(dim=1) == labels).float().mean()

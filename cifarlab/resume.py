@@ -75,6 +75,7 @@ def training_state(run: Run, config: TrainConfig, epoch: int, sums: EpochSums | 
         "scheduler": step.scheduler.state_dict(),
         "scaler": step.scaler.state_dict(),  # empty unless fp16
         "ema": step.ema.state_dict() if step.ema is not None else None,
+        "lookahead": step.lookahead.state_dict() if step.lookahead is not None else None,
         "rng": rng_states(),
         "history": [vars(record).copy() for record in history],
     }
@@ -105,6 +106,8 @@ def restore(state: dict, run: Run) -> Start:
             step.scaler.load_state_dict(state["scaler"])
         if step.ema is not None and state.get("ema") is not None:
             step.ema.load_state_dict(state["ema"])  # the average so far, not a fresh copy of the restored weights
+        if step.lookahead is not None and state.get("lookahead") is not None:
+            step.lookahead.load_state_dict(state["lookahead"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise CifarlabError(f"{CHECKPOINT_FILE}: does not fit the run's model or optimizer "
                             f"({str(error).splitlines()[0][:200]})") from None

@@ -292,6 +292,7 @@ def _summary(session: Session, history: History, tta: EvalResult | None, train_s
         "epochs": config.epochs, "train_images": len(session.bundle.train),
         "eval_images": len(session.bundle.split(split)) if split else 0,
         "wall_seconds": round(time.perf_counter() - session.started, 3), "train_seconds": round(train_seconds, 3),
+        "tta_seconds": round(tta_seconds, 3),
         "images_per_second": round(steps_run * config.batch_size / train_seconds, 1),
         "device": device_description(runtime.device), "threads": session.threads, "processes": runtime.dist.world,
         "precision": str(runtime.amp_dtype or torch.float32), "channels_last": config.channels_last,

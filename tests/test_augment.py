@@ -107,3 +107,28 @@ def test_train_with_every_option_saves_the_ema_weights(tmp_path: Path, image_fol
 def test_bad_training_options_are_clean_errors(flag: list[str], tmp_path: Path, capsys) -> None:
     assert main(["train", "--data", str(tmp_path), *flag]) == 2
     assert f"{flag[0]} {flag[1]}" in capsys.readouterr().err
+
+
+def test_lookahead_pulls_the_weights_to_their_slow_average_and_ends_on_it() -> None:
+    from cifarlab.ema import Lookahead
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    look = Lookahead(model, total_steps=10, every=5)
+    for step in range(1, 11):
+        with torch.no_grad():
+            model.weight.add_(1.0)  # a "training step"
+        fast = model.weight.item()
+        look.update(model)
+        if step == 5:  # decay 0.95**5 * (5/10)**3: the slow weight moves most of the way, the fast one follows
+            decay = 0.95 ** 5 * 0.5 ** 3
+            assert model.weight.item() == pytest.approx(decay * 0.0 + (1 - decay) * fast)
+        elif step == 10:  # the last step: the model holds the slow weights, not the last fast ones
+            assert model.weight.item() == pytest.approx(look.slow[0].item()) and model.weight.item() < fast
+        else:
+            assert model.weight.item() == fast
+    state = look.state_dict()
+    again = Lookahead(model, total_steps=1)
+    again.load_state_dict(state)
+    assert again.steps == 10 and again.total_steps == 10 and torch.equal(again.slow[0], look.slow[0])

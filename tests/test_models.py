@@ -66,3 +66,22 @@ def test_unknown_model_suggests_close_names() -> None:
 def test_bad_model_arguments_are_a_clean_error() -> None:
     with pytest.raises(CifarlabError, match="bad arguments"):
         create_model("cifar10_cnn", depth=3)
+
+
+def test_the_whitening_sample_spans_the_classes_of_a_class_ordered_source() -> None:
+    """An image folder is read class by class: the first 5,000 images would all be one class."""
+    from cifarlab.build import WHITENING_IMAGES, data_dependent_init
+    from cifarlab.data import DataBundle, ImageSet
+
+    labels = torch.arange(2).repeat_interleave(WHITENING_IMAGES)  # 5,000 black images, then 5,000 white
+    images = (labels * 255).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).contiguous()
+    bundle = DataBundle(ImageSet(images, labels, ["black", "white"]), None, None, "ordered")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def init_from_data(self, batch: torch.Tensor) -> None:
+            seen.append(batch)
+
+    data_dependent_init(Recorder(), bundle, torch.device("cpu"), ([0.5] * 3, [0.5] * 3), seed=0)
+    sample = seen[0][:, 0, 0, 0]
+    assert len(sample) == WHITENING_IMAGES and 0.4 < (sample > 0).float().mean() < 0.6  # both classes, about evenly

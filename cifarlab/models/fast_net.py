@@ -48,13 +48,16 @@ class ConvBlock(nn.Module):
 
 class FastNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (64, 256, 256), num_classes: int = 10, whiten_kernel: int = 2,
-                 logit_scale: float = 1 / 9, whiten_stride: int = 1) -> None:
+                 logit_scale: float = 1 / 9, whiten_stride: int = 1, train_whiten_bias: bool = True) -> None:
         super().__init__()
         whiten_width = 2 * 3 * whiten_kernel ** 2
         # stride 2 halves the resolution every later layer runs at: a quarter of the FLOPs, for CPUs
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, stride=whiten_stride, padding=0,
                                 bias=True)
         self.whiten.weight.requires_grad_(False)
+        nn.init.zeros_(self.whiten.bias)  # as airbench: the whitened features start centred
+        # frozen too, the stem needs no gradient at all: autograd skips its backward (cheaper steps)
+        self.whiten.bias.requires_grad_(train_whiten_bias)
         blocks, cin = [], whiten_width
         for width in widths:
             blocks.append(ConvBlock(cin, width))
