@@ -25,15 +25,15 @@ from cifarlab.tuning import describe_cpu, resolve_auto
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
 
-def run_once(recipe: str, budget: float, out: Path) -> dict:
-    command = [sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--recipe", recipe,
+def run_once(name: str, budget: float, out: Path) -> dict:
+    command = [sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--recipe", name,
                "--time-budget", str(budget), "--out", str(out)]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text())
     tta = summary["tta"]["accuracy"] if summary.get("tta") else None
-    return {"recipe": recipe, "budget": budget, "accuracy": tta if tta is not None else summary["accuracy"],
+    return {"recipe": name, "budget": budget, "accuracy": tta if tta is not None else summary["accuracy"],
             "plain": summary["accuracy"], "used": summary["time_budget"]["used_seconds"],
             "steps": summary["time_budget"]["steps"], "wall": wall, "precision": summary["precision"],
             "channels_last": summary.get("channels_last")}
@@ -44,9 +44,9 @@ def draw(rows: list[dict], path: Path) -> None:
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     ax = figure.subplots()
-    for recipe in dict.fromkeys(r["recipe"] for r in rows):
-        mine = [r for r in rows if r["recipe"] == recipe]
-        ax.plot([r["budget"] for r in mine], [100 * r["accuracy"] for r in mine], marker="o", label=recipe)
+    for name in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == name]
+        ax.plot([r["budget"] for r in mine], [100 * r["accuracy"] for r in mine], marker="o", label=name)
     ax.axhline(75, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xticks(sorted({r["budget"] for r in rows}), [f"{r:g}" for r in sorted({r["budget"] for r in rows})])
@@ -70,11 +70,11 @@ def main() -> None:
         resolve_auto(recipe(name), torch.device("cpu"), 10)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe in args.recipes:
+        for name in args.recipes:
             for budget in args.budgets:
-                rows.append(run_once(recipe, budget, Path(tmp) / f"{recipe}-{budget:g}"))
+                rows.append(run_once(name, budget, Path(tmp) / f"{name}-{budget:g}"))
                 r = rows[-1]
-                print(f"  {recipe} {budget:g}s: {100 * r['accuracy']:.2f}% ({r['steps']} steps, "
+                print(f"  {name} {budget:g}s: {100 * r['accuracy']:.2f}% ({r['steps']} steps, "
                       f"{r['used']:.1f}s used, {r['wall']:.1f}s whole command)", flush=True)
     layouts = sorted({f"{r['recipe']}: {r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}"
                       for r in rows})

@@ -42,6 +42,8 @@ def resolve_runtime(config: TrainConfig, bundle: DataBundle, device: torch.devic
     0's, so every rank trains alike) and the runtime they imply."""
     config, note = resolve_auto(config, device, len(bundle.classes))
     config = broadcast_object(config)
+    if device.type == "cuda":  # shapes are fixed within a run: let cuDNN time its algorithms once and keep the best
+        torch.backends.cudnn.benchmark = True
     if note:
         print(note)
     return config, Runtime(device, autocast_dtype(device, config.precision), dist)

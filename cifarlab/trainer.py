@@ -49,6 +49,7 @@ class Session:
     tensorboard: bool
     threads: int | None  # CPU threads used (None on a GPU)
     started: float  # time.perf_counter() when the command began
+    budget_plan: dict | None = None  # what a --time-budget plan assumed (step and evaluation seconds)
 
 
 def run_training(config: TrainConfig, out: str | None = None, tensorboard: bool = False,
@@ -102,6 +103,7 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
                 progress.on_batch(sums.batches, loss)
                 if budget is not None and (planned := budget.after_step(loss)) is not None:
                     config = session.config = planned
+                    session.budget_plan = budget.estimate
                     progress.n_epochs = planned.epochs
                     if saver is not None:
                         saver.config = planned
@@ -296,6 +298,6 @@ def _summary(session: Session, history: History, tta: EvalResult | None, train_s
         "images_per_second": round(steps_run * config.batch_size / train_seconds, 1),
         "device": device_description(runtime.device), "threads": session.threads, "processes": runtime.dist.world,
         "precision": str(runtime.amp_dtype or torch.float32), "channels_last": config.channels_last,
-        "time_budget": ({"seconds": config.time_budget, "steps": config.max_steps,
+        "time_budget": ({"seconds": config.time_budget, "steps": config.max_steps, "assumed": session.budget_plan,
                          "used_seconds": round(train_seconds + tta_seconds, 3)} if config.time_budget else None),
     }

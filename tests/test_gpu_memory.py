@@ -72,3 +72,15 @@ def test_cuda_device_is_capped(recorded: list[tuple]) -> None:
     assert limit_gpu_memory(None, torch.device("cuda")) is None  # no cap asked: torch is not called
     assert recorded == [(0.22, None), (0.5, 3)]
     assert all(isinstance(fraction, float) for fraction, _ in recorded)  # torch refuses anything else
+
+
+def test_out_of_memory_under_a_cap_names_the_cap_and_a_smaller_batch() -> None:
+    import dataclasses
+
+    from cifarlab.config import recipe
+    from cifarlab.trainer import out_of_memory
+
+    capped = dataclasses.replace(recipe("seed"), gpu_memory_fraction=0.22)
+    message = str(out_of_memory(torch.device("cuda", 0), capped))
+    assert "try --batch-size 64" in message and "may use 0.22 of the GPU's memory (--gpu-memory-fraction)" in message
+    assert "gpu-memory-fraction" not in str(out_of_memory(torch.device("cuda", 0), recipe("seed")))
