@@ -28,12 +28,14 @@ MIN_EPOCH_SHARE = 0.25  # the least useful run: a quarter of the training images
 
 
 class TimeBudget:
-    """Times the first steps of a budgeted run, then plans its length (`after_step` returns the plan)."""
+    """Times the first steps of a budgeted run and plans its length (`after_step` returns the plan);
+    at each epoch's end plans the rest again from the mean step time so far (`after_epoch`)."""
 
     def __init__(self, config: TrainConfig, run: Run, started: float, eval_images: int) -> None:
         self.config, self.run, self.started, self.eval_images = config, run, started, eval_images
+        self.warmup_share = config.warmup_epochs / config.epochs  # the recipe's share of the run warming up
         self.stamps: list[float] = []
-        self.estimate: dict = {}  # what the plan assumed, for summary.json
+        self.estimate: dict = {}  # what the last plan assumed, for summary.json
 
     def after_step(self, loss: torch.Tensor) -> TrainConfig | None:
         """After each of the first steps: None while timing, then once the planned config."""
@@ -41,33 +43,44 @@ class TimeBudget:
             return None
         loss.item()  # wait for the step to finish (a GPU runs ahead): a sync for these few steps only
         self.stamps.append(time.perf_counter())
-        return self._plan() if len(self.stamps) > CALIBRATION_STEPS else None
-
-    def _plan(self) -> TrainConfig:
-        config, steps_per_epoch = self.config, len(self.run.train_loader)
+        if len(self.stamps) <= CALIBRATION_STEPS:
+            return None
         # the mean, not the median: occasional slow steps (the collector, a noisy neighbour) are part of the
         # throughput the rest of the run will see (with 8 steps and the median, plans missed by -11%..+4%)
-        step_seconds = (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
-        image_seconds = step_seconds / config.batch_size
-        eval_seconds = self.eval_images * image_seconds * FORWARD_SHARE * TTA_PASSES[config.tta]
-        done = len(self.stamps)
-        used = time.perf_counter() - self.started
-        steps = done + int(SAFETY * (config.time_budget - used - eval_seconds) / step_seconds)
+        return self._plan(len(self.stamps), (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1))
+
+    def after_epoch(self, done: int) -> TrainConfig | None:
+        """At an epoch's end, `done` steps in: the rest planned again from the mean step time so far, which
+        drifts on a shared machine (planned once, runs of 120 and 300 s overran by 3 and 5%). None when
+        the plan stands (within 0.5%) or the run is over."""
+        if not self.config.max_steps or done >= self.config.max_steps:
+            return None
+        step_seconds = (time.perf_counter() - self.started) / done
+        return self._plan(done, step_seconds, tolerance=0.005)
+
+    def _plan(self, done: int, step_seconds: float, tolerance: float = 0.0) -> TrainConfig | None:
+        config, steps_per_epoch = self.config, len(self.run.train_loader)
+        # under torchrun every rank plans from rank 0's clock, so all make the same decision
+        step_seconds, used = broadcast_object((step_seconds, time.perf_counter() - self.started))
+        eval_seconds = self.eval_images * step_seconds / config.batch_size * FORWARD_SHARE * TTA_PASSES[config.tta]
+        steps = done + max(int(SAFETY * (config.time_budget - used - eval_seconds) / step_seconds), 0)
         least = max(done + 1, math.ceil(MIN_EPOCH_SHARE * steps_per_epoch))
-        if steps < least:
+        if not config.max_steps and steps < least:
             need = used + eval_seconds + (least - done) * step_seconds / SAFETY
             raise CifarlabError(f"--time-budget {config.time_budget:g}: too small for a useful run here: "
                                 f"{step_seconds:.3f} s a step, {least} steps at least (a quarter epoch) and about "
                                 f"{eval_seconds:.1f} s of evaluation need at least {math.ceil(need)} s")
-        warmup_share = config.warmup_epochs / config.epochs  # the recipe's share of the run spent warming up
+        steps = max(steps, done + 1)
+        if config.max_steps and abs(steps - config.max_steps) <= tolerance * config.max_steps:
+            return None
         planned = dataclasses.replace(config, max_steps=steps, epochs=math.ceil(steps / steps_per_epoch),
-                                      warmup_epochs=warmup_share * steps / steps_per_epoch)
+                                      warmup_epochs=self.warmup_share * steps / steps_per_epoch)
+        self.config = planned
         self.estimate = {"step_seconds": round(step_seconds, 5), "eval_seconds": round(eval_seconds, 2)}
-        planned = broadcast_object(planned)  # under torchrun every rank follows rank 0's plan
         step = self.run.step
         step.scheduler = make_scheduler(step.optimizer, planned, steps_per_epoch, done)
         if step.lookahead is not None:
             step.lookahead.total_steps = steps
-        print(f"time budget {config.time_budget:g} s: {step_seconds * 1000:.0f} ms a step, so {steps} steps "
+        print(f"time budget {config.time_budget:g} s: {step_seconds * 1000:.1f} ms a step, so {steps} steps "
               f"({steps / steps_per_epoch:.2f} epochs) and about {eval_seconds:.1f} s of final evaluation")
         return planned

@@ -101,17 +101,15 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
             for batch in run.train_loader:
                 loss, _ = train_step(run.step, batch, sums)
                 progress.on_batch(sums.batches, loss)
-                if budget is not None and (planned := budget.after_step(loss)) is not None:
-                    config = session.config = planned
-                    session.budget_plan = budget.estimate
-                    progress.n_epochs = planned.epochs
-                    if saver is not None:
-                        saver.config = planned
+                if budget is not None and budget.after_step(loss) is not None:  # the first steps timed: planned
+                    config = _follow_plan(session, budget, progress, saver)
                 if saver is not None:
                     saver.after_step(epoch, sums, stop.requested)
                 if (epoch - 1) * steps_per_epoch + sums.batches == total_steps(config, steps_per_epoch) \
                         and sums.batches < steps_per_epoch:
                     break  # --max-steps (or the time budget's plan) ends the run part-way through an epoch
+            if budget is not None and budget.after_epoch((epoch - 1) * steps_per_epoch + sums.batches) is not None:
+                config = _follow_plan(session, budget, progress, saver)
             last_eval = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype)
                          if run.eval_loader is not None and (epoch == config.epochs or not config.time_budget)
                          else None)
@@ -126,6 +124,16 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
         raise out_of_memory(runtime.device, config) from None
     stop.restore()  # the run's files are written next: Ctrl-C interrupts them as usual
     return history, last_eval
+
+
+def _follow_plan(session: Session, budget: TimeBudget, progress: EpochProgress,
+                 saver: Checkpointer | None) -> TrainConfig:
+    """A time budget's (new) plan becomes the run's config: the loop, the progress and the checkpoints follow it."""
+    session.config, session.budget_plan = budget.config, budget.estimate
+    progress.n_epochs = budget.config.epochs
+    if saver is not None:
+        saver.config = budget.config
+    return budget.config
 
 
 def _time_budget(session: Session) -> TimeBudget | None:
