@@ -66,6 +66,12 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op for one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -22,8 +22,8 @@ from cifarlab.build import Run, Runtime, build_run, resolve_runtime, total_steps
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
 from cifarlab.device import gpu_memory_fraction, limit_gpu_memory, pick_device, set_cpu_threads
-from cifarlab.distributed import (DistInfo, all_reduce_mean, broadcast_object, env_info, report_failure, setup,
-                                  teardown)
+from cifarlab.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, env_info, report_failure,
+                                  setup, teardown)
 from cifarlab.engine import evaluate, train_step
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import write_eval_views
@@ -66,6 +66,9 @@ def run_training(config: TrainConfig, out: str | None = None, tensorboard: bool 
             history, last_eval = train_epochs(session, stack)
             if session.runtime.dist.is_main:  # the other ranks train and evaluate but write nothing
                 write_results(session, history, last_eval, time.perf_counter() - train_started)
+            # ranks leave together: one tearing its process group down while rank 0 still writes could end
+            # end in gloo aborting it ("terminate called without an active exception", once in a clean-clone run)
+            barrier()
             return session.run_dir
     except Exception as error:
         report_failure(env_info(), error)
