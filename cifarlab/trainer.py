@@ -66,8 +66,8 @@ def run_training(config: TrainConfig, out: str | None = None, tensorboard: bool 
             history, last_eval = train_epochs(session, stack)
             if session.runtime.dist.is_main:  # the other ranks train and evaluate but write nothing
                 write_results(session, history, last_eval, time.perf_counter() - train_started)
-            # ranks leave together: one tearing its process group down while rank 0 still writes could end
-            # end in gloo aborting it ("terminate called without an active exception", once in a clean-clone run)
+            # ranks leave together: one tearing its process group down while rank 0 still writes could end in
+            # gloo aborting it ("terminate called without an active exception", once in a clean-clone run)
             barrier()
             return session.run_dir
     except Exception as error:
