@@ -5,13 +5,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-import pytest
+import torch
 
 from cifarlab import tuning
 from cifarlab.cli import main
 from cifarlab.config import TrainConfig
-
-import torch
 
 CPU = torch.device("cpu")
 TINY = TrainConfig(model="cifar10_cnn", model_args={"channels": [4, 4, 8, 8], "hidden": 16}, batch_size=8)
