@@ -73,9 +73,7 @@ class Run:
 
 def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     stats = channel_stats(bundle.train.images)
-    model_args = {**config.model_args, "num_classes": len(bundle.classes)}
-    if config.image_size != 32:
-        model_args["image_size"] = config.image_size
+    model_args = config.builder_args(len(bundle.classes))
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = create_model(config.model, **model_args).to(runtime.device, memory_format=layout)
     data_dependent_init(model, bundle, runtime.device, stats, config.seed)

@@ -125,6 +125,13 @@ class TrainConfig:
                 raise CifarlabError(f"{flag_name(spec.name)} {value}: {meta['rule'].format(c=self)}")
         return self
 
+    def builder_args(self, num_classes: int) -> dict:
+        """The model builder's keyword arguments for data with `num_classes` classes."""
+        args = {**self.model_args, "num_classes": num_classes}
+        if self.image_size != 32:
+            args["image_size"] = self.image_size
+        return args
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

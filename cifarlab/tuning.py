@@ -95,10 +95,7 @@ def _images_per_second(config: TrainConfig, num_classes: int, precision: str, ch
     device = torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model_args = {**config.model_args, "num_classes": num_classes}
-    if config.image_size != 32:
-        model_args["image_size"] = config.image_size
-    model = create_model(config.model, **model_args).to(memory_format=layout).train()
+    model = create_model(config.model, **config.builder_args(num_classes)).to(memory_format=layout).train()
     optimizer = build_optimizer(config.optimizer, param_groups(model, 1e-3, 0.0), config.momentum)
     images = torch.randn(config.batch_size, 3, config.image_size, config.image_size, generator=generator)
     labels = torch.randint(num_classes, (config.batch_size,), generator=generator)
