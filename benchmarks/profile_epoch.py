@@ -1,7 +1,7 @@
 """Where one epoch's time goes: the loader (index + augmentation + normalisation) against the
 training steps, and the top operators of the steps by self CPU time (torch.profiler).
 
-    python benchmarks/profile_epoch.py --recipe fast75 --steps 40 [--precision fp32]
+    python benchmarks/profile_epoch.py --recipe fast75 --steps 40 [--precision fp32] [--batch-size 512]
 
 The steps are `engine.train_step` on the run `build_run` makes, so this times what `train` runs.
 """
@@ -34,10 +34,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA), help="the training source (default: the shared archive)")
     parser.add_argument("--steps", type=int, default=40, help="training steps to time and profile")
     parser.add_argument("--precision", help="override the recipe's precision (auto, fp32, bf16, fp16)")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     args = parser.parse_args()
     config = recipe(args.recipe)
     if args.precision:
         config = dataclasses.replace(config, precision=args.precision)
+    if args.batch_size:
+        config = dataclasses.replace(config, batch_size=args.batch_size)
     bundle = load_data(args.data, val_split=config.val_split, seed=config.seed)
     config, runtime = local_runtime(config, bundle)  # precision and layout as `train` resolves them
     run = build_run(config, bundle, runtime)  # the same model, init, groups, schedule and step as `train`

@@ -1,15 +1,15 @@
-"""airbench94 against cifarlab's fast94 on the same GPU and the same data, N seeds each.
+"""airbench94/95/96 against cifarlab's fast94/95/96 on the same GPU and the same data, N seeds each.
 
 airbench comes from PyPI (`pip install airbench`, a benchmark-only extra: `.[bench]`). Its
 `CifarLoader` reads `cifar10/train.pt` and `cifar10/test.pt` from the working folder; they are
 written here from our cached tensors of the same source (train: our training split; test: our
 held-out validation split), so both train and evaluate on identical images.
 
-    python benchmarks/vs_airbench.py --data data/cifar10-jpeg-train.tar.gz --runs 5
+    python benchmarks/vs_airbench.py --data data/cifar10-jpeg-train.tar.gz --runs 5 [--target 95]
 
 Prints, per side: accuracy mean +- std (6-view TTA as each reports it), training + TTA seconds by
 CUDA events for airbench and by our summary (`train_seconds` + `tta_seconds`, host clock after a
-sync) for fast94, and the whole `cifarlab train` command's wall time.
+sync) for ours, and the whole `cifarlab train` command's wall time.
 """
 from __future__ import annotations
 
@@ -37,33 +37,39 @@ def write_airbench_data(data: str, val_split: int, folder: Path) -> None:
                     "classes": bundle.classes}, folder / f"{name}.pt")
 
 
-def run_airbench(runs: int, workdir: Path) -> list[dict]:
+# each airbench variant's own augmentation (its lib_airbench9N.hyp['aug'])
+AIRBENCH_AUG = {94: {"flip": True, "translate": 2}, 95: {"flip": True, "translate": 2},
+                96: {"flip": True, "translate": 4, "cutout": 12}}
+
+
+def run_airbench(target: int, runs: int, workdir: Path) -> list[dict]:
     import airbench
 
     os.chdir(workdir)  # its loaders read ./cifar10/{train,test}.pt
-    train_loader = airbench.CifarLoader("cifar10", train=True, batch_size=1024, aug={"flip": True, "translate": 2},
+    train_loader = airbench.CifarLoader("cifar10", train=True, batch_size=1024, aug=AIRBENCH_AUG[target],
                                         altflip=True)
     test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
-    airbench.warmup94(train_loader, verbose=False)  # cuDNN autotuning and kernel loading, as its README does
+    train = getattr(airbench, f"train{target}")
+    getattr(airbench, f"warmup{target}")(train_loader, verbose=False)  # cuDNN autotuning, as its README does
     results = []
     for seed in range(runs):
         torch.manual_seed(seed)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        model = airbench.train94(train_loader, verbose=False)
+        model = train(train_loader, verbose=False)
         accuracy = airbench.evaluate(model, test_loader, tta_level=2)
         end.record()
         torch.cuda.synchronize()
         results.append({"accuracy": accuracy, "seconds": start.elapsed_time(end) / 1000, "wall": None})
-        print(f"  airbench94 seed {seed}: {100 * accuracy:.2f}% in {results[-1]['seconds']:.2f}s", flush=True)
+        print(f"  airbench{target} seed {seed}: {100 * accuracy:.2f}% in {results[-1]['seconds']:.2f}s", flush=True)
     return results
 
 
-def run_cifarlab(runs: int, data: str, val_split: int, workdir: Path, extra: list[str]) -> list[dict]:
+def run_cifarlab(target: int, runs: int, data: str, val_split: int, workdir: Path, extra: list[str]) -> list[dict]:
     results = []
     for seed in range(runs):
-        out = workdir / f"fast94-{seed}"
-        command = [sys.executable, "-m", "cifarlab", "train", "--data", data, "--recipe", "fast94", "--seed", str(seed),
+        out = workdir / f"fast{target}-{seed}"
+        command = [sys.executable, "-m", "cifarlab", "train", "--data", data, "--recipe", f"fast{target}", "--seed", str(seed),
                    "--val-split", str(val_split), "--device", "cuda", "--out", str(out), *extra]
         started = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -72,7 +78,7 @@ def run_cifarlab(runs: int, data: str, val_split: int, workdir: Path, extra: lis
         accuracy = summary["tta"]["accuracy"] if summary.get("tta") else summary["accuracy"]
         results.append({"accuracy": accuracy, "seconds": summary["train_seconds"] + summary.get("tta_seconds", 0.0),
                         "wall": wall})
-        print(f"  fast94 seed {seed}: {100 * accuracy:.2f}% in {results[-1]['seconds']:.2f}s "
+        print(f"  fast{target} seed {seed}: {100 * accuracy:.2f}% in {results[-1]['seconds']:.2f}s "
               f"(whole command {wall:.1f}s)", flush=True)
     return results
 
@@ -90,26 +96,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="the training source (e.g. the shared JPEG archive)")
     parser.add_argument("--runs", type=int, default=5, help="seeds per side")
+    parser.add_argument("--target", type=int, default=94, choices=(94, 95, 96),
+                        help="airbench9N against cifarlab's fast9N")
     parser.add_argument("--val-split", type=int, default=5000, help="held-out images both sides are tested on")
-    parser.add_argument("--skip-airbench", action="store_true", help="only fast94 (airbench not installed)")
+    parser.add_argument("--skip-airbench", action="store_true", help="only our side (airbench not installed)")
     args, extra = parser.parse_known_args()  # anything else goes to `cifarlab train` (e.g. --compile)
     if not torch.cuda.is_available():
-        sys.exit("vs_airbench: needs a CUDA GPU (airbench94 runs on CUDA only)")
+        sys.exit("vs_airbench: needs a CUDA GPU (airbench runs on CUDA only)")
     data = str(Path(args.data).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        ours = run_cifarlab(args.runs, data, args.val_split, workdir, extra)
+        ours = run_cifarlab(args.target, args.runs, data, args.val_split, workdir, extra)
         theirs = None
         if not args.skip_airbench:
             write_airbench_data(data, args.val_split, workdir / "cifar10")
-            theirs = run_airbench(args.runs, workdir)
+            theirs = run_airbench(args.target, args.runs, workdir)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; data {args.data}, "
           f"{args.val_split} held-out images as the test set")
     print("| | runs | accuracy (6-view TTA) | training + TTA s (median) | whole command s (median) |")
     print("|---|---|---|---|---|")
     if theirs is not None:
-        print(row("airbench94 (PyPI, not compiled)", theirs))
-    print(row(f"cifarlab fast94 {' '.join(extra)}".strip(), ours))
+        print(row(f"airbench{args.target} (PyPI, not compiled)", theirs))
+    print(row(f"cifarlab fast{args.target} {' '.join(extra)}".strip(), ours))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,4 @@
 """`python -m cifarlab` runs the command line."""
-import sys
+from cifarlab.cli import run
 
-from cifarlab.cli import main
-
-sys.exit(main())
+run()

@@ -7,6 +7,7 @@ optimizer, schedule, weight averaging, gradient scaler and loaders.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 
 from cifarlab.config import TrainConfig
 from cifarlab.data import Augment, DataBundle, TensorLoader, channel_stats
+from cifarlab.data.download import cache_root
 from cifarlab.device import autocast_dtype, open_device
 from cifarlab.distributed import DistInfo, broadcast_object, shard_log_path
 from cifarlab.ema import Lookahead, WeightEMA
@@ -83,7 +85,7 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     ema = WeightEMA(model, config.ema) if config.ema else None
     lookahead = Lookahead(model, total_steps(config, len(train_loader))) if config.lookahead else None
-    step = Step(wrap_distributed(model, config, runtime), optimizer, runtime.device, scheduler=scheduler, ema=ema,
+    step = Step(compiled(wrap_distributed(model, config, runtime), config.compile), optimizer, runtime.device, scheduler=scheduler, ema=ema,
                 lookahead=lookahead, amp_dtype=runtime.amp_dtype, label_smoothing=config.label_smoothing,
                 clip_grad=config.clip_grad)
     info = ModelInfo(config.model, model_args, bundle.classes, *stats, config.image_size, config.to_dict())
@@ -130,6 +132,16 @@ def data_dependent_init(model: nn.Module, bundle: DataBundle, device: torch.devi
         sample = bundle.train.subset(order[:WHITENING_IMAGES].sort().values)
         images, _ = next(iter(TensorLoader(sample, len(sample), device, stats)))
         init(images)
+
+
+def compiled(model: nn.Module, compile_model: bool) -> nn.Module:
+    """`model` through torch.compile when asked (the training model only: `Run.model` stays plain, so
+    saved weights keep their names and evaluation needs no second compile). Inductor's caches go to
+    the cache folder, which outlives /tmp, so a later run of the same shapes compiles from cache."""
+    if not compile_model:
+        return model
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    return torch.compile(model)
 
 
 def wrap_distributed(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,8 +130,8 @@ def _weights_finite(model: torch.nn.Module) -> bool:
 
 
 class Checkpointer:
-    """The trainer's checkpoint policy: every `checkpoint_every` steps, at each epoch's end, and when a
-    stop is requested. A diverged run is never saved: training stops, naming the step where the loss
+    """The trainer's checkpoint policy: every `checkpoint_every` steps, at each epoch's end (once
+    `checkpoint_seconds` have passed since the last save), and when a stop is requested. A diverged run is never saved: training stops, naming the step where the loss
     went NaN or infinite, and the last good checkpoint stays as it was."""
 
     def __init__(self, run_dir: Path, config: TrainConfig, run: Run, history: History) -> None:
@@ -138,6 +139,7 @@ class Checkpointer:
         self.steps_per_epoch = len(run.train_loader)
         self.sums: EpochSums | None = None  # the current epoch's, to name the bad batch
         self.last_good: str | None = None
+        self.saved_at = time.perf_counter()  # training starts from a state rebuilt exactly by `train` itself
 
     def after_step(self, epoch: int, sums: EpochSums, stop: str | None) -> None:
         self.sums = sums
@@ -152,7 +154,8 @@ class Checkpointer:
         losses = [record.train_loss] + ([record.val_loss] if record.val_loss is not None else [])
         if not all(np.isfinite(losses)):
             raise self._diverged(record.epoch, self.steps_per_epoch)
-        self._save(record.epoch + 1, None)
+        if stop or time.perf_counter() - self.saved_at >= self.config.checkpoint_seconds:
+            self._save(record.epoch + 1, None)
         self.sums = None
         if stop:
             raise RunInterrupted(self.run_dir, stop, f"after epoch {record.epoch}")
@@ -161,6 +164,7 @@ class Checkpointer:
         if (sums is not None and int(sums.bad_batch)) or not _weights_finite(self.run.model):
             raise self._diverged(epoch - (sums is None), sums.batches if sums else self.steps_per_epoch)
         save_checkpoint(self.run_dir, training_state(self.run, self.config, epoch, sums, self.history.records))
+        self.saved_at = time.perf_counter()
         self.last_good = f"epoch {epoch}, batch {sums.batches if sums else 0}"
 
     def _diverged(self, epoch: int, batch: int) -> CifarlabError:

@@ -215,7 +215,10 @@ def load_model(path: Path, device: torch.device = torch.device("cpu")) -> tuple[
         model.load_state_dict(data["state_dict"])
     except RuntimeError as error:
         raise CifarlabError(f"{path}: weights do not fit model '{info.name}' ({str(error).splitlines()[0]})") from None
-    return model.to(device).eval(), info
+    # the layout it trained in: its kernels (bf16 ones especially) round differently in the other, and `eval`
+    # is to reproduce what `train` reported
+    layout = torch.channels_last if info.config.get("channels_last") else torch.contiguous_format
+    return model.to(device, memory_format=layout).eval(), info
 
 
 # --- the resume checkpoint -------------------------------------------------------------------------

@@ -7,9 +7,11 @@ optimizer. The notebook-style API lives in `engine` and shares that step.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +165,9 @@ def open_session(config: TrainConfig, out: str | None, tensorboard: bool, resume
                  stack: contextlib.ExitStack) -> Session:
     """Everything a run needs before its first step: processes, data, run folder, objects, resume state."""
     started = time.perf_counter()
+    # torch.optim's optimizers import torch._dynamo when first built (about 1 s): start that import now, in a
+    # thread, so it runs while the data loads (the GIL is mostly free there) instead of after
+    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-imports").start()
     state = None
     if resume is not None:
         run_dir, state = _open_checkpoint(resume, stack)

@@ -65,6 +65,22 @@ def test_train_writes_a_complete_run_folder_and_eval_agrees(image_root: Path, tm
     assert json.loads(capsys.readouterr().out)["n"] == 48
 
 
+def test_compile_trains_the_same_network_and_saves_plain_weights(image_root: Path, tmp_path: Path) -> None:
+    """--compile trains through torch.compile; model.pt holds the plain module's weights (no `_orig_mod.`
+    prefix), so `eval` loads it; the compiled run learns as the eager one does, to rounding."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    args = ["train", "--data", str(image_root), *TINY, "--precision", "fp32", "--no-channels-last"]
+    assert run_cli(*args, "--out", str(eager)).returncode == 0
+    result = run_cli(*args, "--out", str(compiled), "--compile")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((compiled / "config.json").read_text())["compile"] is True
+    weights = torch.load(compiled / "model.pt", weights_only=True)["state_dict"]
+    assert not any(name.startswith("_orig_mod") for name in weights)
+    losses = [[float(r["train_loss"]) for r in csv.DictReader((run / "metrics.csv").open())] for run in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert run_cli("eval", str(compiled), "--json").returncode == 0
+
+
 def test_official_format_evaluates_on_its_test_split(tmp_path: Path, cifar10_tar_gz, capsys) -> None:
     archive, data = cifar10_tar_gz
     out = tmp_path / "run"

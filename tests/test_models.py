@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cifarlab import CifarlabError, create_model, model_names
+from cifarlab.config import RECIPES
 from cifarlab.models.catalog import count_params, forward_flops
 
 # Parameter counts with 10 classes, to 2 significant figures: He et al. (2015) table 6 for the CIFAR
@@ -23,6 +24,29 @@ def test_forward_backward(name: str, num_classes: int) -> None:
     out.logsumexp(dim=1).sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_builds_its_network_and_trains_it_one_step(name: str) -> None:
+    """The recipe's own model arguments (fast95/fast96's wider blocks, fast96's third conv with its residual)."""
+    config = RECIPES[name]
+    torch.manual_seed(0)
+    model = create_model(config.model, **config.builder_args(10))
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.logsumexp(dim=1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_three_conv_block_adds_its_input_to_its_output() -> None:
+    from cifarlab.models.fast_net import ConvBlock
+
+    block = ConvBlock(4, 4, convs=3).eval()
+    for norm in (block.norm2, block.norm3):
+        norm.bias.data.fill_(-100.0)  # the second and third convs' path contributes ~0 after GELU
+    x = torch.randn(1, 4, 8, 8)
+    pooled = block.activation(block.norm1(block.pool(block.conv1(x))))
+    assert torch.allclose(block(x), pooled, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", model_names())

@@ -239,6 +239,21 @@ def test_checkpoint_is_plain_data_and_written_every_n_steps(images: Path, tmp_pa
     assert not (out / CHECKPOINT_FILE).exists()  # a finished run keeps model.pt, not the training state
 
 
+def test_checkpoint_seconds_skips_epoch_end_saves_until_that_much_time_passed(images: Path, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    """With an interval longer than the run no epoch end saves; with 0, every one does."""
+    import cifarlab.resume as resume_module
+
+    saved: list[tuple[int, int]] = []
+    real_save = resume_module.save_checkpoint
+    monkeypatch.setattr(resume_module, "save_checkpoint",
+                        lambda run_dir, state: saved.append((state["epoch"], state["batches"])) or real_save(run_dir, state))
+    assert main(train_args(images, tmp_path / "quick", "--checkpoint-seconds", "3600")) == 0
+    assert saved == []
+    assert main(train_args(images, tmp_path / "every", "--checkpoint-seconds", "0")) == 0
+    assert saved == [(2, 0), (3, 0)]
+
+
 # --- the loader's part -----------------------------------------------------------------------------
 
 def test_loader_resume_at_reproduces_the_rest_of_the_epoch() -> None:

