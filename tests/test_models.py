@@ -109,3 +109,17 @@ def test_the_whitening_sample_spans_the_classes_of_a_class_ordered_source() -> N
     data_dependent_init(Recorder(), bundle, torch.device("cpu"), ([0.5] * 3, [0.5] * 3), seed=0)
     sample = seen[0][:, 0, 0, 0]
     assert len(sample) == WHITENING_IMAGES and 0.4 < (sample > 0).float().mean() < 0.6  # both classes, about evenly
+
+
+def test_fast_net_compiled_in_bf16_has_finite_gradients() -> None:
+    """torch.compile recomputes a bf16 global max at another precision: with torch.amax's tie-splitting
+    backward no element matched and every gradient below the head was NaN (fast75 --compile diverged
+    at its second step). Max-pooling's backward follows the recorded index."""
+    torch.manual_seed(0)
+    model = create_model("fast_net", widths=[8, 16, 16], whiten_stride=2)
+    x = torch.randn(16, 3, 32, 32)
+    model.init_from_data(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = torch.compile(model)(x).float().logsumexp(dim=1).sum()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

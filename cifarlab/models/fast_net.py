@@ -88,7 +88,10 @@ class FastNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(nn.functional.gelu(self.whiten(x)))
-        x = torch.amax(x, dim=(2, 3))  # global max-pool
+        # global max-pool. Not torch.amax: its backward splits the gradient among the elements equal to the
+        # max, and torch.compile in bf16 recomputes them at another precision, finds none, and divides by
+        # zero (NaN gradients from the first step); max-pooling's backward follows the recorded index
+        x = nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
         return self.head(x) * self.logit_scale
 
 
