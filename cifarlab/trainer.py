@@ -268,28 +268,30 @@ def out_of_memory(device: torch.device, config: TrainConfig) -> CifarlabError:
 # --- after the last step -----------------------------------------------------------------------------
 
 def write_results(session: Session, history: History, last_eval: EvalResult | None, train_seconds: float) -> None:
-    """model.pt, curves.png, the evaluation views, test-time augmentation once, then summary.json."""
+    """model.pt, test-time augmentation once, the final line; then curves.png and the evaluation views
+    (2 s of drawing the result need not wait for), and summary.json last: it marks the run complete."""
     config, run, bundle, runtime = session.config, session.run, session.bundle, session.runtime
     write_json(session.run_dir / CONFIG_FILE, config.to_dict())  # again: a time budget's plan is in it now
     save_model(session.run_dir / MODEL_FILE, run.final_model, run.info)
-    save_figure(draw_curves(history, config.epochs), session.run_dir / CURVES_FILE)
     split = bundle.eval_split
     if last_eval is None and run.eval_loader is not None:  # resumed after its last epoch: predict again
         last_eval = evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype)
-    if last_eval is not None:  # the views `eval --out` writes
-        write_eval_views(session.run_dir / EVAL_DIR, last_eval, bundle.split(split).images, bundle.classes,
-                         {"split": split, "data": bundle.source})
     # test-time augmentation once, on the final weights: epochs are compared without it (cheaper, and
     # what `eval` reports by default); the recipe's headline figure is this one (`eval --tta N`)
     tta_started = time.perf_counter()
     tta = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype, config.tta)
            if config.tta and run.eval_loader is not None else None)
     summary = _summary(session, history, tta, train_seconds, time.perf_counter() - tta_started)
-    finish_run(session.run_dir, summary)
     final = f"{split} accuracy {100 * summary['accuracy']:.2f}%" if summary["accuracy"] is not None else "done"
     if tta is not None:
         final += f" ({100 * tta.accuracy:.2f}% with test-time augmentation level {config.tta})"
-    print(f"{final} after {config.epochs} epochs in {summary['wall_seconds']:.1f}s; wrote {session.run_dir}")
+    print(f"{final} after {config.epochs} epochs in {summary['wall_seconds']:.1f}s; writing the views into "
+          f"{session.run_dir}", flush=True)
+    save_figure(draw_curves(history, config.epochs), session.run_dir / CURVES_FILE)
+    if last_eval is not None:  # the views `eval --out` writes
+        write_eval_views(session.run_dir / EVAL_DIR, last_eval, bundle.split(split).images, bundle.classes,
+                         {"split": split, "data": bundle.source})
+    finish_run(session.run_dir, summary)
 
 
 def _summary(session: Session, history: History, tta: EvalResult | None, train_seconds: float,
