@@ -256,6 +256,16 @@ def test_checkpoint_seconds_skips_epoch_end_saves_until_that_much_time_passed(im
 
 # --- the loader's part -----------------------------------------------------------------------------
 
+def test_a_generator_state_from_another_kind_of_device_is_a_clear_error() -> None:
+    from cifarlab.data import ImageSet, TensorLoader
+
+    data = ImageSet(torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), ["a"])
+    loader = TensorLoader(data, 4, torch.device("cpu"), ([0.5] * 3, [0.5] * 3), shuffle=True)
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state() returns
+    with pytest.raises(CifarlabError, match="resume it where it was trained"):
+        loader.resume_at(cuda_state, 1)
+
+
 def test_loader_resume_at_reproduces_the_rest_of_the_epoch() -> None:
     from cifarlab.data import Augment, ImageSet, TensorLoader
 

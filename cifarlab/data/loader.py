@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from cifarlab.data.augment import cutout, mix_batch, rand_augment
+from cifarlab.errors import CifarlabError
 from cifarlab.data.sources import ImageSet
 
 
@@ -131,7 +132,11 @@ class TensorLoader:
         return self.generator.get_state()
 
     def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)
+        try:
+            self.generator.set_state(state)
+        except RuntimeError:  # a CPU generator's state is 5,056 bytes, a CUDA one's 16: not interchangeable
+            raise CifarlabError(f"the checkpoint's data order was drawn on another kind of device than "
+                                f"{self.device.type}: resume it where it was trained (--device)") from None
 
     def resume_at(self, epoch_state: torch.Tensor, batch: int) -> None:
         """Make the next pass the epoch that began at `epoch_state`, continuing after `batch` batches.
