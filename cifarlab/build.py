@@ -85,9 +85,9 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     ema = WeightEMA(model, config.ema) if config.ema else None
     lookahead = Lookahead(model, total_steps(config, len(train_loader))) if config.lookahead else None
-    step = Step(compiled(wrap_distributed(model, config, runtime), config.compile), optimizer, runtime.device, scheduler=scheduler, ema=ema,
-                lookahead=lookahead, amp_dtype=runtime.amp_dtype, label_smoothing=config.label_smoothing,
-                clip_grad=config.clip_grad)
+    trained = compiled(wrap_distributed(model, config, runtime), config.compile)
+    step = Step(trained, optimizer, runtime.device, scheduler=scheduler, ema=ema, lookahead=lookahead,
+                amp_dtype=runtime.amp_dtype, label_smoothing=config.label_smoothing, clip_grad=config.clip_grad)
     info = ModelInfo(config.model, model_args, bundle.classes, *stats, config.image_size, config.to_dict())
     return Run(model, step, train_loader, eval_loader, info)
 

@@ -131,8 +131,9 @@ def _weights_finite(model: torch.nn.Module) -> bool:
 
 class Checkpointer:
     """The trainer's checkpoint policy: every `checkpoint_every` steps, at each epoch's end (once
-    `checkpoint_seconds` have passed since the last save), and when a stop is requested. A diverged run is never saved: training stops, naming the step where the loss
-    went NaN or infinite, and the last good checkpoint stays as it was."""
+    `checkpoint_seconds` have passed since the last save), and when a stop is requested. A diverged
+    run is never saved: training stops, naming the step where the loss went NaN or infinite, and the
+    last good checkpoint stays as it was."""
 
     def __init__(self, run_dir: Path, config: TrainConfig, run: Run, history: History) -> None:
         self.run_dir, self.config, self.run, self.history = run_dir, config, run, history
