@@ -145,12 +145,14 @@ def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path: Path, image_fo
     assert_same_run(tmp_path / "full", tmp_path / "killed")
 
 
-def test_ctrl_c_saves_says_how_to_resume_and_resumes_exactly(images: Path, tmp_path: Path, monkeypatch,
-                                                            capsys) -> None:
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])
+def test_ctrl_c_saves_says_how_to_resume_and_resumes_exactly(optimizer: str, images: Path, tmp_path: Path,
+                                                            monkeypatch, capsys) -> None:
     """In-process Ctrl-C mid-epoch, with a warm-up + one-cycle schedule that must not restart and a
-    weight EMA that must continue its average (model.pt holds the EMA weights)."""
+    weight EMA that must continue its average (model.pt holds the EMA weights); Muon's momentum too."""
     config = dataclasses.replace(TrainConfig(), data=str(images), epochs=2, batch_size=8, val_split=12, seed=3,
-                                 schedule="onecycle", warmup_epochs=0.5, lr=3e-3, model_args=TINY_MODEL, ema=0.9)
+                                 schedule="onecycle", warmup_epochs=0.5, lr=3e-3, model_args=TINY_MODEL, ema=0.9,
+                                 optimizer=optimizer)
     run_training(config, str(tmp_path / "full"))
 
     real = F.cross_entropy

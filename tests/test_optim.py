@@ -1,0 +1,50 @@
+"""Muon: its orthogonalisation, its SGD half against torch's SGD, and a network it trains."""
+import torch
+
+from cifarlab.engine import Step, train_step
+from cifarlab.models import create_model
+from cifarlab.optim import Muon, newton_schulz, param_groups
+
+
+def test_newton_schulz_pushes_every_singular_value_towards_one() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(16, 72), (72, 16)]:  # wide and tall filter banks
+        matrix = torch.randn(*shape, generator=generator)
+        singular = torch.linalg.svdvals(newton_schulz(matrix))
+        assert newton_schulz(matrix).shape == shape
+        assert singular.min() > 0.5 and singular.max() < 1.3
+        scaled = matrix * torch.logspace(-1, 1, shape[1])  # badly scaled columns
+        before, after = torch.linalg.svdvals(scaled), torch.linalg.svdvals(newton_schulz(scaled))
+        assert after.max() / after.min() < (before.max() / before.min()) / 3
+
+
+def test_the_groups_that_are_not_filters_step_exactly_as_torch_sgd() -> None:
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    theirs.load_state_dict(ours.state_dict())
+    groups = lambda model: param_groups(model, 0.1, 1e-2, bias_lr_scale=4.0, filter_lr=0.5)  # noqa: E731
+    muon, sgd = Muon(groups(ours), 0.85), torch.optim.SGD(groups(theirs), momentum=0.85, nesterov=True)
+    for step in range(3):
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(step))
+        for model, optimizer in ((ours, muon), (theirs, sgd)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_muon_trains_the_fast_net_and_keeps_its_filters_at_a_fixed_norm() -> None:
+    torch.manual_seed(0)
+    model = create_model("fast_net", widths=[8, 16, 16], num_classes=2)
+    images = torch.randn(64, 3, 32, 32)
+    labels = (images.mean(dim=(1, 2, 3)) > 0).long()  # a rule a net can learn
+    model.init_from_data(images)
+    groups = param_groups(model, 0.05, 5e-4, bias_lr_scale=16, filter_lr=0.1)
+    assert [len(g["params"]) for g in groups][-1] == 6 and groups[-1]["orthogonal"]  # 3 blocks x 2 convs
+    step = Step(model, Muon(groups, 0.85), torch.device("cpu"))
+    first = [train_step(step, (images, labels))[0].item()]
+    losses = first + [train_step(step, (images, labels))[0].item() for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    for p in groups[-1]["params"]:
+        assert abs(p.norm().item() - len(p) ** 0.5) < 0.2 * len(p) ** 0.5
