@@ -99,25 +99,28 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=94, choices=(94, 95, 96),
                         help="airbench9N against cifarlab's fast9N")
     parser.add_argument("--val-split", type=int, default=5000, help="held-out images both sides are tested on")
-    parser.add_argument("--skip-airbench", action="store_true", help="only our side (airbench not installed)")
+    parser.add_argument("--side", default="both", choices=("both", "airbench", "cifarlab"),
+                        help="run both sides, or only one (airbench first when both)")
     args, extra = parser.parse_known_args()  # anything else goes to `cifarlab train` (e.g. --compile)
     if not torch.cuda.is_available():
         sys.exit("vs_airbench: needs a CUDA GPU (airbench runs on CUDA only)")
     data = str(Path(args.data).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        ours = run_cifarlab(args.target, args.runs, data, args.val_split, workdir, extra)
-        theirs = None
-        if not args.skip_airbench:
+        theirs = ours = None
+        if args.side in ("both", "airbench"):  # the anchor first: it is the cheaper side
             write_airbench_data(data, args.val_split, workdir / "cifar10")
             theirs = run_airbench(args.target, args.runs, workdir)
+        if args.side in ("both", "cifarlab"):
+            ours = run_cifarlab(args.target, args.runs, data, args.val_split, workdir, extra)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; data {args.data}, "
           f"{args.val_split} held-out images as the test set")
     print("| | runs | accuracy (6-view TTA) | training + TTA s (median) | whole command s (median) |")
     print("|---|---|---|---|---|")
     if theirs is not None:
         print(row(f"airbench{args.target} (PyPI, not compiled)", theirs))
-    print(row(f"cifarlab fast{args.target} {' '.join(extra)}".strip(), ours))
+    if ours is not None:
+        print(row(f"cifarlab fast{args.target} {' '.join(extra)}".strip(), ours))
 
 
 if __name__ == "__main__":

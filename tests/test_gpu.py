@@ -1,9 +1,11 @@
 """On a GPU: an epoch of the speed recipes' step never makes the host wait (the loader draws its shuffles,
-shifts, flips and cutout boxes on the device). Skipped without CUDA; benchmarks/gpu_check.sh runs it."""
+shifts, flips and cutout boxes on the device), with SGD or Muon, with or without lookahead. Skipped
+without CUDA; `benchmarks/gpu.sh sync` runs it."""
 import pytest
 import torch
 
 from cifarlab.data import Augment, ImageSet, TensorLoader
+from cifarlab.ema import Lookahead
 from cifarlab.engine import Step, train_step
 from cifarlab.models import create_model
 from cifarlab.optim import build_optimizer, build_scheduler, param_groups
@@ -12,7 +14,8 @@ from cifarlab.records import EpochSums
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_an_epoch_of_training_steps_never_synchronises_with_the_host() -> None:
+@pytest.mark.parametrize("optimizer, lookahead", [("sgd", False), ("sgd", True), ("muon", False)])
+def test_an_epoch_of_training_steps_never_synchronises_with_the_host(optimizer: str, lookahead: bool) -> None:
     device = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
     data = ImageSet(torch.randint(0, 256, (2048, 3, 32, 32), dtype=torch.uint8, generator=generator),
@@ -20,8 +23,10 @@ def test_an_epoch_of_training_steps_never_synchronises_with_the_host() -> None:
     loader = TensorLoader(data, 256, device, ([0.5] * 3, [0.25] * 3), shuffle=True,
                           augment=Augment(translate=2, flip=True, cutout=8), seed=0)
     model = create_model("fast_net", widths=[16, 32, 32]).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer("sgd", param_groups(model, 0.1, 5e-4, 64), 0.85)
-    step = Step(model, optimizer, device, scheduler=build_scheduler(optimizer, "onecycle", 2 * len(loader), 2),
+    filter_lr = 0.24 if optimizer == "muon" else None
+    built = build_optimizer(optimizer, param_groups(model, 0.1, 5e-4, 64, filter_lr=filter_lr), 0.85)
+    step = Step(model, built, device, scheduler=build_scheduler(built, "onecycle", 2 * len(loader), 2),
+                lookahead=Lookahead(model, 2 * len(loader)) if lookahead else None,
                 amp_dtype=torch.bfloat16, label_smoothing=0.2)
     sums = EpochSums.zeros(device, 0.1)
     train_step(step, next(iter(loader)), sums)  # the first step may set things up (cuDNN, allocator)
