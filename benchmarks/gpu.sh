@@ -13,6 +13,8 @@
 #   muon    (90)  fast94 with --optimizer muon at airbench94_muon's 8 epochs, 5 seeds (our side only)
 #   96     (200)  fast96 against airbench96, 1 seed each
 #   resnet (100)  seconds per epoch of resnet56 and resnet18 at batch 128 and 512
+#   airbench(150) airbench94/95/96 alone (5/3/1 seeds), and ours94 (60) fast94 alone (3 seeds): for a
+#                 call that measures the anchors beside our side on the same machine
 #
 # Carry a folder `gpu/` (listed in .git/info/exclude) made here first:
 #   mkdir -p gpu && cp ../shared/data/cifar10-jpeg-train.tar.gz gpu/ && pip wheel --no-deps airbench -w gpu/

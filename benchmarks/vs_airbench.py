@@ -5,7 +5,7 @@ airbench comes from PyPI (`pip install airbench`, a benchmark-only extra: `.[ben
 written here from our cached tensors of the same source (train: our training split; test: our
 held-out validation split), so both train and evaluate on identical images.
 
-    python benchmarks/vs_airbench.py --data data/cifar10-jpeg-train.tar.gz --runs 5 [--target 95]
+    python benchmarks/vs_airbench.py --data data/cifar10-jpeg-train.tar.gz --runs 5 [--target 95] [--side airbench]
 
 Prints, per side: accuracy mean +- std (6-view TTA as each reports it), training + TTA seconds by
 CUDA events for airbench and by our summary (`train_seconds` + `tta_seconds`, host clock after a
