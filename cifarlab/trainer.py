@@ -7,7 +7,9 @@ optimizer. The notebook-style API lives in `engine` and shares that step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import math
 import os
 import random
 import sys
@@ -192,6 +194,8 @@ def open_session(config: TrainConfig, out: str | None, tensorboard: bool, resume
         print(f"distributed: {runtime.dist.world} processes ({torch.distributed.get_backend()}), "
               f"{config.batch_size // runtime.dist.world} images per process per step")
     run = build_run(config, bundle, runtime)
+    if config.max_steps:  # the steps fix the epochs (the last may stop part-way), whatever --epochs said
+        config = dataclasses.replace(config, epochs=math.ceil(config.max_steps / len(run.train_loader)))
     if runtime.dist.is_main:
         write_json(run_dir / CONFIG_FILE, config.to_dict())
     start = Start()
