@@ -90,6 +90,16 @@ def test_unknown_model_suggests_close_names() -> None:
 def test_bad_model_arguments_are_a_clean_error() -> None:
     with pytest.raises(CifarlabError, match="bad arguments"):
         create_model("cifar10_cnn", depth=3)
+    with pytest.raises(CifarlabError, match="activation must be one of gelu, relu"):
+        create_model("fast_net", activation="swish")
+
+
+def test_fast_net_activation_is_used_after_the_stem_and_in_every_block() -> None:
+    model = create_model("fast_net", widths=[8, 8, 8], activation="relu")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "ReLU" in kinds and "GELU" not in kinds
+    stem = model.activation(model.whiten(torch.randn(2, 3, 32, 32)))
+    assert (stem >= 0).all()  # ReLU, where GELU would leave small negatives
 
 
 def test_the_whitening_sample_spans_the_classes_of_a_class_ordered_source() -> None:

@@ -32,18 +32,23 @@ def _norm(channels: int) -> nn.BatchNorm2d:
     return norm
 
 
+# GELU as airbench; ReLU costs a third of it on a CPU (bf16: about 2 against 7 ms forward + backward for
+# 4M activations) for about half a point at fast75's size (docs/speed.md)
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
 class ConvBlock(nn.Module):
     """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU (pooling early halves the second conv's cost).
 
     With `convs=3` (airbench96) a third conv -> BN -> GELU follows, and the last two are bridged by a
     residual connection from the pooled activation."""
 
-    def __init__(self, cin: int, cout: int, convs: int = 2) -> None:
+    def __init__(self, cin: int, cout: int, convs: int = 2, activation: str = "gelu") -> None:
         super().__init__()
         self.conv1, self.pool, self.norm1 = _conv(cin, cout), nn.MaxPool2d(2), _norm(cout)
         self.conv2, self.norm2 = _conv(cout, cout), _norm(cout)
         self.conv3, self.norm3 = (_conv(cout, cout), _norm(cout)) if convs == 3 else (None, None)
-        self.activation = nn.GELU()
+        self.activation = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.norm1(self.pool(self.conv1(x))))
@@ -56,10 +61,12 @@ class ConvBlock(nn.Module):
 class FastNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (64, 256, 256), num_classes: int = 10, whiten_kernel: int = 2,
                  logit_scale: float = 1 / 9, whiten_stride: int = 1, train_whiten_bias: bool = True,
-                 block_convs: int = 2) -> None:
+                 block_convs: int = 2, activation: str = "gelu") -> None:
         super().__init__()
         if block_convs not in (2, 3):
             raise ValueError(f"block_convs must be 2 or 3, not {block_convs}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
         whiten_width = 2 * 3 * whiten_kernel ** 2
         # stride 2 halves the resolution every later layer runs at: a quarter of the FLOPs, for CPUs
         self.whiten = nn.Conv2d(3, whiten_width, kernel_size=whiten_kernel, stride=whiten_stride, padding=0,
@@ -70,10 +77,11 @@ class FastNet(nn.Module):
         self.whiten.bias.requires_grad_(train_whiten_bias)
         blocks, cin = [], whiten_width
         for width in widths:
-            blocks.append(ConvBlock(cin, width, block_convs))
+            blocks.append(ConvBlock(cin, width, block_convs, activation))
             cin = width
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(cin, num_classes, bias=False)
+        self.activation = ACTIVATIONS[activation]()
         self.logit_scale = logit_scale
 
     @torch.no_grad()
@@ -87,7 +95,7 @@ class FastNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(nn.functional.gelu(self.whiten(x)))
+        x = self.blocks(self.activation(self.whiten(x)))
         # global max-pool. Not torch.amax: its backward splits the gradient among the elements equal to the
         # max, and torch.compile in bf16 recomputes them at another precision, finds none, and divides by
         # zero (NaN gradients from the first step); max-pooling's backward follows the recorded index
