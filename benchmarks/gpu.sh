@@ -11,8 +11,12 @@
 #   compile(150)  fast94 --compile, cold then warm inductor cache, whole command timed
 #   95     (150)  fast95 against airbench95, 3 seeds each
 #   muon    (90)  fast94 with --optimizer muon at airbench94_muon's 8 epochs, 5 seeds (our side only)
+#   alt94   (90)  fast94 with --alternate-flip (airbench's flips), 5 seeds (our side only)
 #   96     (200)  fast96 against airbench96, 1 seed each
 #   resnet (100)  seconds per epoch of resnet56 and resnet18 at batch 128 and 512
+#   timeline(40)  fast94 once, each output line stamped (benchmarks/timeline.py): where the whole
+#                 command's seconds go beyond training
+#   profile94(40) fast94's steps: host against GPU time (benchmarks/profile_epoch.py)
 #   airbench(150) airbench94/95/96 alone (5/3/1 seeds), and ours94 (60) fast94 alone (3 seeds): for a
 #                 call that measures the anchors beside our side on the same machine
 #
@@ -65,7 +69,11 @@ export PYTHONPATH=$PWD:$(ls "$PWD"/gpu/airbench-*.whl)
 for name in "$@"; do
   case $name in
     sync) step sync 60 python -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
-    cold) step cold 60 timed "fast94, fresh data cache" fast94 /tmp/fast94-cold ;;
+    cold) step cold 60 timed "fast94, fresh data cache" fast94 /tmp/fast94-cold
+          cat /tmp/fast94-cold/metrics.csv >> "$OUT/cold.txt" ;;  # the first epoch against the rest
+    timeline) step timeline 40 python benchmarks/timeline.py python -m cifarlab train --data "$DATA" \
+                --recipe fast94 --device cuda --out /tmp/fast94-timeline ;;
+    profile94) step profile94 40 python benchmarks/profile_epoch.py --data "$DATA" --recipe fast94 --steps 60 ;;
     94) step 94 200 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 ;;
     airbench) for target_runs in 94:5 95:3 96:1; do  # the anchors alone, beside a call that ran our side
                 step airbench 50 python benchmarks/vs_airbench.py --data "$DATA" --target "${target_runs%:*}" \
@@ -77,6 +85,8 @@ for name in "$@"; do
     95) step 95 150 python benchmarks/vs_airbench.py --data "$DATA" --target 95 --runs 3 ;;
     muon) step muon 90 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 --side cifarlab \
             --optimizer muon --epochs 8 ;;
+    alt94) step alt94 90 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 --side cifarlab \
+             --alternate-flip ;;
     96) step 96 200 python benchmarks/vs_airbench.py --data "$DATA" --target 96 --runs 1 ;;
     resnet) for recipe in resnet56 resnet18; do
               for batch in 128 512; do

@@ -63,6 +63,9 @@ class TrainConfig:
     translate: int = option(Augment.translate, "pixels of random translation (reflected edges); 0 turns it off",
                           at_least(0))
     flip: bool = option(Augment.flip, "random horizontal flips")
+    alternate_flip: bool = option(Augment.alternate_flip, "with --flip: each image flipped at random in the "
+                                  "first epoch, then the other way every other epoch (airbench)",
+                                  (lambda v, c: not v or c.flip, "needs --flip"))
     randaugment: int = option(Augment.randaugment, "RandAugment: ops per image; 0 turns it off", at_least(0))
     randaugment_magnitude: int = option(Augment.randaugment_magnitude, "RandAugment magnitude, 0..30",
                                       (lambda v, c: 0 <= v <= 30, "must be in 0..30"))

@@ -104,6 +104,7 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
             sums = (start.sums if epoch == start.epoch else None) or EpochSums.zeros(
                 runtime.device, run.step.optimizer.param_groups[0]["lr"])
             progress.start_epoch(epoch)
+            run.train_loader.set_epoch(epoch)
             run.step.model.train()
             for batch in run.train_loader:
                 loss, _ = train_step(run.step, batch, sums)

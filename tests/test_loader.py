@@ -189,6 +189,39 @@ def test_state_resumes_the_sequence() -> None:
     assert _same(_epoch(b), expected)
 
 
+def _flips_by_image(loader: TensorLoader, epoch: int) -> torch.Tensor:
+    """Which images (by index) a pass of `loader` over `_ramp_set` flipped, as epoch `epoch`."""
+    loader.set_epoch(epoch)
+    flipped = torch.zeros(len(loader.dataset), dtype=torch.bool)
+    for images, _ in loader:
+        raw = _unnormalise(images, MEAN, STD).long()
+        index = raw[:, 0, 0, 0] + 256 * raw[:, 1, 0, 0]
+        flipped[index] = raw[:, 2, 0, 0] > raw[:, 2, 0, -1]  # the ramp runs right to left
+    return flipped
+
+
+def _ramp_set(n: int = 96) -> ImageSet:
+    """Channels 0 and 1 hold each image's index; channel 2 rises left to right, so a flip shows."""
+    index = torch.arange(n)
+    images = torch.empty(n, 3, 32, 32, dtype=torch.uint8)
+    images[:, 0], images[:, 1] = (index % 256).view(-1, 1, 1), (index // 256).view(-1, 1, 1)
+    images[:, 2] = (torch.arange(32) * 8).view(1, 1, 32)
+    return ImageSet(images, index % 3, ["a", "b", "c"])
+
+
+def test_alternating_flips_mirror_each_image_the_other_way_every_other_epoch() -> None:
+    augment = Augment(translate=0, flip=True, alternate_flip=True)
+    loader = TensorLoader(_ramp_set(), 16, CPU, (MEAN, STD), shuffle=True, augment=augment, seed=3)
+    first, second, third = (_flips_by_image(loader, epoch) for epoch in (1, 2, 3))
+    assert 28 < int(first.sum()) < 68  # at random in the first epoch: about half
+    assert torch.equal(second, ~first) and torch.equal(third, first)
+    # resumed in epoch 2 (a new loader, as after a restart): the same flips
+    again = TensorLoader(_ramp_set(), 16, CPU, (MEAN, STD), shuffle=True, augment=augment, seed=3)
+    assert torch.equal(_flips_by_image(again, 2), second)
+    random = TensorLoader(_ramp_set(), 16, CPU, (MEAN, STD), shuffle=True, augment=Augment(translate=0), seed=3)
+    assert not torch.equal(_flips_by_image(random, 2), ~_flips_by_image(random, 1))
+
+
 # --- augmentation ----------------------------------------------------------------------------------
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -21,6 +21,10 @@ from cifarlab.data.sources import ImageSet
 class Augment:
     translate: int = 2  # pixels: random shift in [-translate, translate] on each axis, edges reflected
     flip: bool = True  # random horizontal flip
+    # airbench's alternating flip: each image flipped at random in the first epoch, then every other
+    # epoch the other way, so two epochs see both sides of every image (random flips leave a quarter
+    # of the images one-sided after two epochs). Needs flip and set_epoch.
+    alternate_flip: bool = False
     # the extras (cifarlab.data.augment), each off at 0
     randaugment: int = 0  # RandAugment ops per image, on the uint8 batch
     randaugment_magnitude: int = 9  # 0..30
@@ -64,11 +68,12 @@ def augment_draws(n: int, augment: Augment, generator: torch.Generator) -> tuple
 
 
 def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator,
-                  shard: tuple[int, int, int] | None = None) -> torch.Tensor:
+                  shard: tuple[int, int, int] | None = None, flips: torch.Tensor | None = None) -> torch.Tensor:
     """Random translate + flip of a uint8 NCHW batch as one gather; returns NHWC (channels_last order).
 
     `shard` (rank, world, global batch size): `images` are this rank's part of a global batch; the draws
-    are made for the whole global batch and this rank's part kept, so they match a 1-process run."""
+    are made for the whole global batch and this rank's part kept, so they match a 1-process run.
+    `flips` (bool [n]): which images to flip, in place of the random draw (alternating flips)."""
     n, _, h, w = images.shape
     device = images.device
     shift, flip = augment_draws(shard[2] if shard else n, augment, generator)
@@ -77,7 +82,9 @@ def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Gener
     shift = shift.to(device)
     rows = _reflect(torch.arange(h, device=device) + shift[0], h)  # [n, h]
     cols = torch.arange(w, device=device).expand(n, w)
-    if flip is not None:
+    if flips is not None:
+        cols = torch.where(flips[:, None], w - 1 - cols, cols)
+    elif flip is not None:
         cols = torch.where(flip.to(device) < 0.5, w - 1 - cols, cols)
     cols = _reflect(cols + shift[1], w)  # [n, w]
     batch = torch.arange(n, device=device)[:, None, None]
@@ -123,6 +130,17 @@ class TensorLoader:
         self._skip = 0  # batches the next pass skips (resume_at)
         self.rank, self.world = shard
         self.shard_log: Path | None = None  # debugging/tests: append each pass's image indices, one line per pass
+        # alternating flips: one random bit per image, fixed by the seed (a generator of its own, so the
+        # other draws are those of random flips); the epoch's parity flips them all (set_epoch)
+        self.epoch = 1
+        self.flip_bits = (torch.rand(len(data), generator=torch.Generator(device=device).manual_seed(seed),
+                                     device=device) < 0.5
+                          if augment is not None and augment.flip and augment.alternate_flip else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch (from 1) the next pass is: alternating flips depend on its parity (as
+        DistributedSampler.set_epoch; the trainer calls it, also when resuming)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -177,7 +195,8 @@ class TensorLoader:
         images, labels = self.images[index], self.labels[index]
         augment = self.augment
         if augment is not None:
-            images = augment_batch(images, augment, self.generator, shard).permute(0, 3, 1, 2).contiguous()
+            flips = self.flip_bits[index] ^ (self.epoch % 2 == 0) if self.flip_bits is not None else None
+            images = augment_batch(images, augment, self.generator, shard, flips).permute(0, 3, 1, 2).contiguous()
         if augment is not None and augment.randaugment:
             images = rand_augment(images, augment.randaugment, augment.randaugment_magnitude, self.generator)
         images = images.to(torch.float32) * self.scale + self.shift
