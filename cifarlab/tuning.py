@@ -52,14 +52,17 @@ def resolve_auto(config: TrainConfig, device: torch.device, num_classes: int) ->
         return dataclasses.replace(config, precision=precisions[0], channels_last=layouts[0]), None
     key = _key(config, num_classes)
     table = _read_table()
+    measured = table.setdefault(key, {})
+    candidates = {f"{p}/{'channels_last' if cl else 'nchw'}": (p, cl) for p in precisions for cl in layouts}
+    missing = {name: choice for name, choice in candidates.items() if name not in measured}
     note = None
-    if key not in table:
-        table[key] = {f"{p}/{'channels_last' if cl else 'nchw'}": _images_per_second(config, num_classes, p, cl)
-                      for p in precisions for cl in layouts}
+    if missing:
+        measured.update({name: _images_per_second(config, num_classes, p, cl) for name, (p, cl) in missing.items()})
         _write_table(table)
         note = ("measured training speed (images/s) on this CPU: "
-                + ", ".join(f"{name} {speed:.0f}" for name, speed in table[key].items()))
-    precision, layout = max(table[key], key=table[key].get).split("/")
+                + ", ".join(f"{name} {measured[name]:.0f}" for name in missing))
+    # only among the choices left open: a precision or layout given on the command line stays
+    precision, layout = max(candidates, key=measured.get).split("/")
     return dataclasses.replace(config, precision=precision, channels_last=layout == "channels_last"), note
 
 

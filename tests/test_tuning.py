@@ -35,6 +35,19 @@ def test_the_fastest_measured_candidate_wins_and_is_remembered(monkeypatch) -> N
     assert calls
 
 
+def test_a_precision_given_on_the_command_line_is_kept_when_the_table_prefers_another(monkeypatch) -> None:
+    """The table of an auto run holds every combination; a run that fixes one (--precision fp32) picks
+    the best layout among what is left, not the table's overall winner (it once came back bf16)."""
+    speeds = {("fp32", False): 100.0, ("fp32", True): 150.0, ("bf16", False): 200.0, ("bf16", True): 250.0}
+    monkeypatch.setattr(tuning, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(tuning, "_images_per_second", lambda c, n, p, cl: speeds[(p, cl)])
+    assert tuning.resolve_auto(TINY, CPU, 3)[0].precision == "bf16"  # fills the table
+    fp32, _ = tuning.resolve_auto(dataclasses.replace(TINY, precision="fp32"), CPU, 3)
+    assert (fp32.precision, fp32.channels_last) == ("fp32", True)
+    nchw, _ = tuning.resolve_auto(dataclasses.replace(TINY, channels_last=False), CPU, 3)
+    assert (nchw.precision, nchw.channels_last) == ("bf16", False)
+
+
 def test_bf16_is_not_tried_without_native_kernels_and_given_choices_are_kept(monkeypatch) -> None:
     tried = []
     monkeypatch.setattr(tuning, "cpu_has_fast_bf16", lambda: False)
