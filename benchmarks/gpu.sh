@@ -11,7 +11,8 @@
 #   compile(150)  fast94 --compile, cold then warm inductor cache, whole command timed
 #   95     (150)  fast95 against airbench95, 3 seeds each
 #   muon    (90)  fast94 with --optimizer muon at airbench94_muon's 8 epochs, 5 seeds (our side only)
-#   alt94   (90)  fast94 with --alternate-flip (airbench's flips), 5 seeds (our side only)
+#   alt94, look94, tri94, like94 (90 each)  fast94 with one of airbench94's settings it lacks, 5 seeds
+#                 (our side only): --alternate-flip, --lookahead, --schedule triangle; like94 all three
 #   96     (200)  fast96 against airbench96, 1 seed each
 #   resnet (100)  seconds per epoch of resnet56 and resnet18 at batch 128 and 512
 #   timeline(40)  fast94 once, each output line stamped (benchmarks/timeline.py): where the whole
@@ -58,6 +59,12 @@ fast94() {  # fast94 OUT_FOLDER [EXTRA...]
   python -m cifarlab train --data "$DATA" --recipe fast94 --device cuda --out "$out" "$@"
 }
 
+variant94() {  # variant94 NAME FLAGS...: fast94 with FLAGS, 5 seeds
+  local name=$1
+  shift
+  step "$name" 90 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 --side cifarlab "$@"
+}
+
 export DATA
 export -f timed fast94  # step runs its command in a child bash, under timeout
 # No pip needed: scripts under benchmarks/ import the package from this checkout, and airbench (pure
@@ -85,8 +92,10 @@ for name in "$@"; do
     95) step 95 150 python benchmarks/vs_airbench.py --data "$DATA" --target 95 --runs 3 ;;
     muon) step muon 90 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 --side cifarlab \
             --optimizer muon --epochs 8 ;;
-    alt94) step alt94 90 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 --side cifarlab \
-             --alternate-flip ;;
+    alt94) variant94 alt94 --alternate-flip ;;
+    look94) variant94 look94 --lookahead ;;
+    tri94) variant94 tri94 --schedule triangle ;;
+    like94) variant94 like94 --alternate-flip --lookahead --schedule triangle ;;
     96) step 96 200 python benchmarks/vs_airbench.py --data "$DATA" --target 96 --runs 1 ;;
     resnet) for recipe in resnet56 resnet18; do
               for batch in 128 512; do

@@ -90,7 +90,8 @@ class TrainConfig:
                             "orthogonalised, so it is a step size, not per image); the other parameters take "
                             "Nesterov SGD at --lr", at_least(0))
     weight_decay: float = option(0.0, "on weights only (not norms or biases)", at_least(0))
-    schedule: str = option("constant", "per-step learning rate; onecycle warms up, then falls linearly to 0",
+    schedule: str = option("constant", "per-step learning rate; onecycle warms up, then falls linearly to 0; "
+                           "triangle (airbench94's) warms up from 0.2 of the peak and falls to 0.07 of it",
                       names=lambda: list(SCHEDULES))
     warmup_epochs: float = option(0.0, "linear warm-up of the learning rate, in epochs", at_least(0))
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", in_unit())

@@ -95,19 +95,23 @@ def build_optimizer(name: str, groups: list[dict], momentum: float = 0.9) -> tor
     return OPTIMIZERS[name](groups, momentum)
 
 
-def _warmup_then(decay: Callable[[float], float], warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at `step`: linear warm-up, then `decay(progress in 0..1)`."""
+def _warmup_then(start: float, decay: Callable[[float], float], warmup_steps: int,
+                 total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at `step`: linear warm-up from `start`, then `decay(progress in 0..1)`."""
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return start + (1 - start) * (step + 1) / warmup_steps
         return decay((step - warmup_steps) / max(total_steps - warmup_steps, 1))
     return factor
 
 
-SCHEDULES: dict[str, Callable[[float], float]] = {
-    "constant": lambda progress: 1.0,
-    "onecycle": lambda progress: max(1.0 - progress, 0.0),  # linear decay to zero after the warm-up peak
-    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))),
+# name -> (where the warm-up starts, the decay after it)
+SCHEDULES: dict[str, tuple[float, Callable[[float], float]]] = {
+    "constant": (0.0, lambda progress: 1.0),
+    "onecycle": (0.0, lambda progress: max(1.0 - progress, 0.0)),  # linear decay to zero after the peak
+    "cosine": (0.0, lambda progress: 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))),
+    # airbench94's triangle: from 0.2 of the peak up to it, then down to 0.07 at the last step
+    "triangle": (0.2, lambda progress: 1.0 - 0.93 * min(progress, 1.0)),
 }
 
 
@@ -117,6 +121,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
     part-way, as --time-budget does once it knows the run's length)."""
     if name not in SCHEDULES:
         raise unknown_name("schedule", name, list(SCHEDULES))
-    factor = _warmup_then(SCHEDULES[name], warmup_steps, total_steps)
+    factor = _warmup_then(*SCHEDULES[name], warmup_steps, total_steps)
     # with last_epoch k - 1 torch takes each group's initial_lr and steps once: the rate of step k
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done - 1)

@@ -1,9 +1,10 @@
-"""Muon: its orthogonalisation, its SGD half against torch's SGD, and a network it trains."""
+"""Muon: its orthogonalisation, its SGD half against torch's SGD, and a network it trains; the schedules."""
+import pytest
 import torch
 
 from cifarlab.engine import Step, train_step
 from cifarlab.models import create_model
-from cifarlab.optim import Muon, newton_schulz, param_groups
+from cifarlab.optim import Muon, build_scheduler, newton_schulz, param_groups
 
 
 def test_newton_schulz_pushes_every_singular_value_towards_one() -> None:
@@ -48,3 +49,28 @@ def test_muon_trains_the_fast_net_and_keeps_its_filters_at_a_fixed_norm() -> Non
     assert losses[-1] < 0.5 * losses[0]
     for p in groups[-1]["params"]:
         assert abs(p.norm().item() - len(p) ** 0.5) < 0.2 * len(p) ** 0.5
+
+
+def _rates(schedule: str, total: int, warmup: int) -> list[float]:
+    """The lr of every step of a schedule whose peak is 1."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_scheduler(optimizer, schedule, total, warmup)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_onecycle_warms_up_from_zero_to_the_peak_then_falls_linearly_to_zero() -> None:
+    rates = _rates("onecycle", 100, 20)
+    assert rates[0] == pytest.approx(1 / 20) and rates[19] == pytest.approx(1.0)
+    assert rates[60] == pytest.approx(0.5) and rates[-1] == pytest.approx(1 / 80)
+
+
+def test_triangle_is_airbench94s_from_a_fifth_of_the_peak_down_to_seven_hundredths() -> None:
+    rates = _rates("triangle", 101, 20)
+    assert rates[0] == pytest.approx(0.2 + 0.8 / 20) and rates[19] == pytest.approx(1.0)
+    assert rates[100] == pytest.approx(1 - 0.93 * 80 / 81)
+    assert min(rates) > 0.07 - 1e-9  # never below airbench's floor
