@@ -81,7 +81,8 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     data_dependent_init(model, bundle, runtime.device, stats, config.seed)
     train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
     groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale,
-                          filter_lr=config.muon_lr if config.optimizer == "muon" else None)
+                          filter_lr=config.muon_lr if config.optimizer == "muon" else None,
+                          bias_decay=config.bias_decay)
     optimizer = build_optimizer(config.optimizer, groups, config.momentum)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     ema = WeightEMA(model, config.ema) if config.ema else None

@@ -97,6 +97,8 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", in_unit())
     bias_lr_scale: float = option(1.0, "lr multiplier for 1-D parameters (norm shifts, biases), as airbench does",
                                 (lambda v, c: v > 0, "must be greater than 0"))
+    bias_decay: bool = option(False, "decay 1-D parameters (norm shifts, biases) as much per step as the "
+                              "weights, as airbench does; off: they are not decayed")
     clip_grad: float = option(0.0, "clip the gradient norm to this; 0 turns it off", at_least(0))
     lookahead: bool = option(False, "airbench's lookahead: every 5 steps the weights move to a slow average of "
                                     "themselves that tightens towards the end")

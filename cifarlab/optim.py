@@ -14,16 +14,19 @@ from cifarlab.errors import unknown_name
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float = 1.0,
-                 filter_lr: float | None = None) -> list[dict]:
+                 filter_lr: float | None = None, bias_decay: bool = False) -> list[dict]:
     """Weight decay on weights only: norms' scales and biases (1-D tensors) are not decayed, and may
     take a larger learning rate (`bias_lr_scale`: BatchNorm shifts learn slowly at a weight's lr).
-    With `filter_lr` (Muon) the conv filters form a third group, last, marked for orthogonal steps."""
+    With `bias_decay` they are decayed as much per step as the weights, as airbench does (the rate
+    divided by `bias_lr_scale`). With `filter_lr` (Muon) the conv filters form a third group, last,
+    marked for orthogonal steps."""
     trained = [p for p in model.parameters() if p.requires_grad]
     filters = [p for p in trained if p.ndim == 4] if filter_lr is not None else []
     apart = {id(p) for p in filters}
     groups = [{"params": [p for p in trained if p.ndim > 1 and id(p) not in apart], "weight_decay": weight_decay,
                "lr": lr},
-              {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0, "lr": lr * bias_lr_scale}]
+              {"params": [p for p in trained if p.ndim <= 1],
+               "weight_decay": weight_decay / bias_lr_scale if bias_decay else 0.0, "lr": lr * bias_lr_scale}]
     if filters:
         groups.append({"params": filters, "weight_decay": 0.0, "lr": filter_lr, "orthogonal": True})
     return groups

@@ -74,3 +74,18 @@ def test_triangle_is_airbench94s_from_a_fifth_of_the_peak_down_to_seven_hundredt
     assert rates[0] == pytest.approx(0.2 + 0.8 / 20) and rates[19] == pytest.approx(1.0)
     assert rates[100] == pytest.approx(1 - 0.93 * 80 / 81)
     assert min(rates) > 0.07 - 1e-9  # never below airbench's floor
+
+
+def test_bias_decay_shrinks_biases_per_step_as_much_as_weights() -> None:
+    """airbench's parametrisation: with a 64x lr, the biases' decay rate is divided by 64, so one step
+    of SGD with zero gradients shrinks a bias and a weight by the same factor."""
+    model = torch.nn.Linear(4, 3)
+    for bias_decay, bias_shrink in ((False, 1.0), (True, 1 - 0.1 * 0.01)):
+        with torch.no_grad():
+            model.weight.fill_(1.0)
+            model.bias.fill_(1.0)
+        optimizer = torch.optim.SGD(param_groups(model, 0.1, 0.01, bias_lr_scale=64, bias_decay=bias_decay), lr=0.1)
+        model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+        optimizer.step()
+        assert model.weight[0, 0].item() == pytest.approx(1 - 0.1 * 0.01)
+        assert model.bias[0].item() == pytest.approx(bias_shrink)
