@@ -89,7 +89,7 @@ class TrainConfig:
     muon_lr: float = option(0.24, "--optimizer muon: the conv filters' learning rate (their steps are "
                             "orthogonalised, so it is a step size, not per image); the other parameters take "
                             "Nesterov SGD at --lr", at_least(0))
-    weight_decay: float = option(0.0, "on weights only (not norms or biases)", at_least(0))
+    weight_decay: float = option(0.0, "on weights only (norms and biases too with --bias-decay)", at_least(0))
     schedule: str = option("constant", "per-step learning rate; onecycle warms up, then falls linearly to 0; "
                            "triangle (airbench94's) warms up from 0.2 of the peak and falls to 0.07 of it",
                       names=lambda: list(SCHEDULES))
