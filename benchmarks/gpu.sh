@@ -11,9 +11,9 @@
 #   compile(150)  fast94 --compile, cold then warm inductor cache, whole command timed
 #   95     (150)  fast95 against airbench95, 3 seeds each
 #   muon    (90)  fast94 with --optimizer muon at airbench94_muon's 8 epochs, 5 seeds (our side only)
-#   alt94, look94, tri94, bias94, like94 (90 each)  fast94 with one of airbench94's settings it lacks,
-#                 5 seeds (our side only): --alternate-flip, --lookahead, --schedule triangle,
-#                 --bias-decay; like94 all four
+#   alt94, look94, tri94, bias94, freeze94, like94 (90 each)  fast94 with one of airbench94's settings
+#                 it lacks, 5 seeds (our side only): --alternate-flip, --lookahead, --schedule triangle,
+#                 --bias-decay, --whiten-bias-epochs 3; like94 all five
 #   96     (200)  fast96 against airbench96, 1 seed each
 #   resnet (100)  seconds per epoch of resnet56 and resnet18 at batch 128 and 512
 #   timeline(40)  fast94 once, each output line stamped (benchmarks/timeline.py): where the whole
@@ -97,7 +97,8 @@ for name in "$@"; do
     look94) variant94 look94 --lookahead ;;
     tri94) variant94 tri94 --schedule triangle ;;
     bias94) variant94 bias94 --bias-decay ;;
-    like94) variant94 like94 --alternate-flip --lookahead --schedule triangle --bias-decay ;;
+    freeze94) variant94 freeze94 --whiten-bias-epochs 3 ;;
+    like94) variant94 like94 --alternate-flip --lookahead --schedule triangle --bias-decay --whiten-bias-epochs 3 ;;
     96) step 96 200 python benchmarks/vs_airbench.py --data "$DATA" --target 96 --runs 1 ;;
     resnet) for recipe in resnet56 resnet18; do
               for batch in 128 512; do

@@ -79,6 +79,8 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = create_model(config.model, **model_args).to(runtime.device, memory_format=layout)
     data_dependent_init(model, bundle, runtime.device, stats, config.seed)
+    if config.whiten_bias_epochs:
+        check_whiten_bias_freeze(model, config, runtime)
     train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
     groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale,
                           filter_lr=config.muon_lr if config.optimizer == "muon" else None,
@@ -134,6 +136,25 @@ def data_dependent_init(model: nn.Module, bundle: DataBundle, device: torch.devi
         sample = bundle.train.subset(order[:WHITENING_IMAGES].sort().values)
         images, _ = next(iter(TensorLoader(sample, len(sample), device, stats)))
         init(images)
+
+
+def check_whiten_bias_freeze(model: nn.Module, config: TrainConfig, runtime: Runtime) -> None:
+    """--whiten-bias-epochs needs a whitening stem with a trained bias, and one process: DDP expects a
+    gradient for every parameter it was built with, so a bias frozen part-way would stall its reducer."""
+    whiten = getattr(model, "whiten", None)
+    if whiten is None or whiten.bias is None or not whiten.bias.requires_grad:
+        raise CifarlabError(f"--whiten-bias-epochs: model '{config.model}' has no trained whitening bias "
+                            f"(fast_net has one)")
+    if runtime.dist.enabled:
+        raise CifarlabError("--whiten-bias-epochs: not under torchrun (DDP needs every parameter's gradient "
+                            "in every step); drop it there")
+
+
+def freeze_whiten_bias(model: nn.Module, config: TrainConfig, epoch: int) -> None:
+    """airbench's whitening bias: trained in the first --whiten-bias-epochs epochs, then frozen. Called at
+    every epoch's start, so a resumed run freezes it too; the optimizer skips a parameter with no gradient."""
+    if config.whiten_bias_epochs and epoch > config.whiten_bias_epochs:
+        model.whiten.bias.requires_grad_(False)
 
 
 def compiled(model: nn.Module, compile_model: bool) -> nn.Module:

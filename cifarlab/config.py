@@ -102,6 +102,8 @@ class TrainConfig:
     clip_grad: float = option(0.0, "clip the gradient norm to this; 0 turns it off", at_least(0))
     lookahead: bool = option(False, "airbench's lookahead: every 5 steps the weights move to a slow average of "
                                     "themselves that tightens towards the end")
+    whiten_bias_epochs: int = option(0, "fast_net: train the whitening stem's bias for this many epochs, then "
+                                     "freeze it (airbench: 3); 0 trains it throughout", at_least(0))
     ema: float = option(0.0, "evaluate and save an exponential moving average of the weights with this decay "
                       "(e.g. 0.999); 0 turns it off", in_unit())
     # machinery
@@ -196,16 +198,17 @@ RECIPES: dict[str, TrainConfig] = {
     ),
     # fast94's method shrunk to what clears 75% fastest on 2 CPU cores: a quarter-width net whose
     # whitening stem has stride 2 (every later layer runs at 16x16: a quarter of the FLOPs; 5x the
-    # images/s of the stride-1 net), ReLU for GELU (steps 5-10% faster, about half a point), batch 512, and
+    # images/s of the stride-1 net), ReLU for GELU (steps 5-10% faster, about half a point), batch 512,
     # Muon for the conv filters (airbench94_muon's update, at lr 0.15), which gets in 2 epochs what SGD
-    # needed 3 for; precision and layout measured per machine.
+    # needed 3 for, and the whitening bias frozen after epoch 1 (no stem backward in epoch 2, at no cost
+    # in accuracy); precision and layout measured per machine.
     # Chosen on the validation split (docs/speed.md has the tables).
     "fast75": TrainConfig(
         recipe="fast75", model="fast_net", model_args={"widths": [32, 64, 128], "whiten_stride": 2,
                                                        "activation": "relu"}, epochs=2,
         batch_size=512, optimizer="muon", muon_lr=0.15, lr=0.001465 * 512, momentum=0.85,
         weight_decay=0.0153 / 11.5, bias_lr_scale=64, label_smoothing=0.2, schedule="onecycle",
-        warmup_epochs=0.46, tta=2,
+        warmup_epochs=0.46, tta=2, whiten_bias_epochs=1,
     ),
     # He et al. (2015) section 4.2 on a cosine schedule: SGD (Nesterov) 0.1, momentum 0.9, weight decay
     # 1e-4 on weights only, batch 128, 4-px translations and flips; the paper reports 93.0% on the test set.

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cifarlab.budget import TimeBudget
-from cifarlab.build import Run, Runtime, build_run, resolve_runtime, total_steps
+from cifarlab.build import Run, Runtime, build_run, freeze_whiten_bias, resolve_runtime, total_steps
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
 from cifarlab.device import gpu_memory_fraction, limit_gpu_memory, pick_device, set_cpu_threads
@@ -105,6 +105,7 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
                 runtime.device, run.step.optimizer.param_groups[0]["lr"])
             progress.start_epoch(epoch)
             run.train_loader.set_epoch(epoch)
+            freeze_whiten_bias(run.model, config, epoch)
             run.step.model.train()
             for batch in run.train_loader:
                 loss, _ = train_step(run.step, batch, sums)

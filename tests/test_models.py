@@ -133,3 +133,28 @@ def test_fast_net_compiled_in_bf16_has_finite_gradients() -> None:
         loss = torch.compile(model)(x).float().logsumexp(dim=1).sum()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_the_whitening_bias_trains_its_first_epochs_then_stays(tmp_path, image_folder_writer, monkeypatch) -> None:
+    """--whiten-bias-epochs 1: the fast net's whitening bias moves in epoch 1 and not after (airbench)."""
+    import cifarlab.trainer as trainer_module
+    from cifarlab.cli import main
+
+    image_folder_writer(tmp_path / "images", {name: 24 for name in ("cat", "dog")})
+    real_step, biases = trainer_module.train_step, []
+
+    def recording_step(step, *args, **kwargs):
+        result = real_step(step, *args, **kwargs)
+        biases.append(step.model.whiten.bias.detach().clone())
+        return result
+
+    monkeypatch.setattr(trainer_module, "train_step", recording_step)
+    args = ["train", "--data", str(tmp_path / "images"), "--recipe", "fast75", "--batch-size", "8",
+            "--val-split", "8", "--epochs", "3", "--device", "cpu", "--precision", "fp32", "--channels-last",
+            "--whiten-bias-epochs", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    per_epoch = len(biases) // 3
+    first, later = biases[:per_epoch], biases[per_epoch - 1:]
+    assert not torch.equal(first[0], first[-1])
+    assert all(torch.equal(bias, later[0]) for bias in later)
+    assert main(args[:-2] + ["--model", "cifar10_cnn", "--out", str(tmp_path / "other")]) == 2  # no stem: an error
