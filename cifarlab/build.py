@@ -67,6 +67,7 @@ class Run:
     train_loader: TensorLoader
     eval_loader: TensorLoader | None
     info: ModelInfo  # what model.pt records beside the weights: the builder's arguments, classes, normalisation
+    parameters: int  # trained parameters as built (counted once: --whiten-bias-epochs freezes one later)
 
     @property
     def final_model(self) -> nn.Module:
@@ -79,8 +80,7 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = create_model(config.model, **model_args).to(runtime.device, memory_format=layout)
     data_dependent_init(model, bundle, runtime.device, stats, config.seed)
-    if config.whiten_bias_epochs:
-        check_whiten_bias_freeze(model, config, runtime)
+    check_whiten_bias_freeze(model, config, runtime)
     train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
     groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale,
                           filter_lr=config.muon_lr if config.optimizer == "muon" else None,
@@ -93,7 +93,8 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     step = Step(trained, optimizer, runtime.device, scheduler=scheduler, ema=ema, lookahead=lookahead,
                 amp_dtype=runtime.amp_dtype, label_smoothing=config.label_smoothing, clip_grad=config.clip_grad)
     info = ModelInfo(config.model, model_args, bundle.classes, *stats, config.image_size, config.to_dict())
-    return Run(model, step, train_loader, eval_loader, info)
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Run(model, step, train_loader, eval_loader, info, parameters)
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -141,6 +142,8 @@ def data_dependent_init(model: nn.Module, bundle: DataBundle, device: torch.devi
 def check_whiten_bias_freeze(model: nn.Module, config: TrainConfig, runtime: Runtime) -> None:
     """--whiten-bias-epochs needs a whitening stem with a trained bias, and one process: DDP expects a
     gradient for every parameter it was built with, so a bias frozen part-way would stall its reducer."""
+    if not config.whiten_bias_epochs:
+        return
     whiten = getattr(model, "whiten", None)
     if whiten is None or whiten.bias is None or not whiten.bias.requires_grad:
         raise CifarlabError(f"--whiten-bias-epochs: model '{config.model}' has no trained whitening bias "

@@ -312,7 +312,7 @@ def _summary(session: Session, history: History, tta: EvalResult | None, train_s
                  - (start.epoch - 1) * steps_per_epoch - (start.sums.batches if start.sums else 0))
     return {
         "recipe": config.recipe, "model": config.model, "eval_split": split,
-        "parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "parameters": run.parameters,
         "accuracy": last.val_acc, "loss": last.val_loss, "train_accuracy": last.train_acc,
         "tta": {"level": config.tta, "accuracy": tta.accuracy, "loss": tta.loss} if tta is not None else None,
         "epochs": config.epochs, "train_images": len(session.bundle.train),

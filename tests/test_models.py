@@ -1,4 +1,6 @@
 """Every registered model: output shape, a backward pass, finite values, its size; the registry's errors."""
+import json
+
 import pytest
 import torch
 
@@ -157,4 +159,7 @@ def test_the_whitening_bias_trains_its_first_epochs_then_stays(tmp_path, image_f
     first, later = biases[:per_epoch], biases[per_epoch - 1:]
     assert not torch.equal(first[0], first[-1])
     assert all(torch.equal(bias, later[0]) for bias in later)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    built = create_model("fast_net", **RECIPES["fast75"].builder_args(2))
+    assert summary["parameters"] == sum(p.numel() for p in built.parameters() if p.requires_grad)  # bias counted
     assert main(args[:-2] + ["--model", "cifar10_cnn", "--out", str(tmp_path / "other")]) == 2  # no stem: an error
