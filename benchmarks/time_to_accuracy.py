@@ -3,7 +3,7 @@
 Each run is the whole `cifarlab train` command in a fresh process (start-up, data from a warm cache,
 training, final evaluation, writing the run folder), timed from outside. Prints one table:
 
-    python benchmarks/time_to_accuracy.py --recipe fast75 --runs 5 --baseline-runs 1
+    python benchmarks/time_to_accuracy.py --recipe fast75 --runs 5 --baseline-runs 3 --baseline-epochs 6
 
 Figures: median wall seconds, accuracy mean +- std over seeds, images/s, and the share of this
 machine's measured matmul peak that training reached (forward FLOPs x 3 for forward + backward).
@@ -103,7 +103,6 @@ def main() -> None:
     peak = matmul_peak(dtype, args.device)
     where = describe_cpu() if args.device == "cpu" else torch.cuda.get_device_name()
     print(f"machine: {where}; measured {dtype} matmul peak {peak / 1e9:.1f} GFLOP/s")
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         load_data(str(DATA))  # warms the data cache (decoding is a one-off), not timed
         for name in {args.recipe, args.baseline} - {""}:  # and the once-per-machine precision/layout timing
@@ -112,11 +111,16 @@ def main() -> None:
         plan = [(args.recipe, args.runs, extra)]
         if args.baseline:
             plan.append((args.baseline, args.baseline_runs, extra + baseline_extra))
-        for name, n, flags in plan:
-            runs = [run_once(name, seed, Path(tmp), flags) for seed in range(n)]
-            for seed, r in enumerate(runs):
-                print(f"  {name} seed {seed}: {r['wall']:.1f}s, accuracy {100 * r['accuracy']:.2f}%", flush=True)
-            rows.append(describe(name, runs, peak))
+        # interleaved (recipe seed 0, baseline seed 0, recipe seed 1, ...): a shared machine's speed drifts
+        # over minutes, and the ratio should not depend on which recipe ran in the slow minutes
+        runs: list[list[dict]] = [[] for _ in plan]
+        for seed in range(max(n for _, n, _ in plan)):
+            for i, ((name, n, flags), done) in enumerate(zip(plan, runs)):
+                if seed < n:
+                    done.append(run_once(name, seed, Path(tmp) / str(i), flags))
+                    print(f"  {name} seed {seed}: {done[-1]['wall']:.1f}s, accuracy {100 * done[-1]['accuracy']:.2f}%",
+                          flush=True)
+        rows = [describe(name, done, peak) for (name, _, _), done in zip(plan, runs)]
 
     print("\n| recipe | runs | accuracy (val, 5000 held out) | median wall s | to 75% s | images/s | of peak | "
           "precision, layout (measured) |")
