@@ -3,7 +3,8 @@
 Budgeted training (Li et al., 2020): a schedule that decays to zero exactly when the time runs out
 beats the same schedule cut short. The run's first steps are timed on the real model and data; then
 the number of steps is fixed so that training plus the final evaluation end within the budget, the
-schedule is rebuilt to reach zero at that step (its warm-up keeps the recipe's share of the run), and
+schedule is rebuilt to reach zero at that step (its warm-up keeps the recipe's share of the run; every
+tenth of the run the rest is planned again from the mean step time so far), and
 the plan is written into the run's config (`max_steps`, `epochs`), so a resumed run keeps it. Under
 a budget only the last epoch is evaluated: per-epoch evaluations would spend the budget on numbers.
 """
@@ -25,38 +26,44 @@ SAFETY = 0.92  # share of the remaining time planned for steps: the machines are
 FORWARD_SHARE = 0.4  # an evaluation image costs about this much of a training image (forward only)
 TTA_PASSES = {0: 1, 1: 3, 2: 7}  # passes over the evaluation split at the end: plain, then the TTA views
 MIN_EPOCH_SHARE = 0.25  # the least useful run: a quarter of the training images seen once
+# the rest planned again after every tenth of the plan: step times drift on a shared machine (planned
+# once, runs of 120 and 300 s overran by 3 and 5%; planned again only at epoch ends, a 30 s run of the
+# seed recipe, under one epoch, overran by 7%)
+REPLAN_SHARE = 0.1
 
 
 class TimeBudget:
-    """Times the first steps of a budgeted run and plans its length (`after_step` returns the plan);
-    at each epoch's end plans the rest again from the mean step time so far (`after_epoch`)."""
+    """Times the first steps of a budgeted run and plans its length; then, every tenth of the run, plans
+    the rest again from the mean step time so far (`after_step` returns each new plan)."""
 
     def __init__(self, config: TrainConfig, run: Run, started: float, eval_images: int) -> None:
         self.config, self.run, self.started, self.eval_images = config, run, started, eval_images
         self.warmup_share = config.warmup_epochs / config.epochs  # the recipe's share of the run warming up
         self.stamps: list[float] = []
+        self.done = 0  # steps taken (a budget is planned from a run's first step, never a resumed one's)
+        self.next_check = 0  # the step at which the rest is planned again
         self.estimate: dict = {}  # what the last plan assumed, for summary.json
 
     def after_step(self, loss: torch.Tensor) -> TrainConfig | None:
-        """After each of the first steps: None while timing, then once the planned config."""
-        if len(self.stamps) > CALIBRATION_STEPS:
+        """After each step: the new plan, or None. Reading the loss waits for the step (a GPU runs
+        ahead): a sync for the first steps and at each check only."""
+        self.done += 1
+        if self.done <= CALIBRATION_STEPS + 1:
+            loss.item()
+            self.stamps.append(time.perf_counter())
+            if self.done <= CALIBRATION_STEPS:
+                return None
+            # the mean, not the median: occasional slow steps (the collector, a noisy neighbour) are part of
+            # the throughput the rest of the run will see (with 8 steps and the median, plans missed by
+            # -11%..+4%)
+            plan = self._plan(self.done, (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1))
+        elif self.done == self.next_check and self.done < self.config.max_steps:
+            loss.item()
+            plan = self._plan(self.done, (time.perf_counter() - self.started) / self.done, tolerance=0.01)
+        else:
             return None
-        loss.item()  # wait for the step to finish (a GPU runs ahead): a sync for these few steps only
-        self.stamps.append(time.perf_counter())
-        if len(self.stamps) <= CALIBRATION_STEPS:
-            return None
-        # the mean, not the median: occasional slow steps (the collector, a noisy neighbour) are part of the
-        # throughput the rest of the run will see (with 8 steps and the median, plans missed by -11%..+4%)
-        return self._plan(len(self.stamps), (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1))
-
-    def after_epoch(self, done: int) -> TrainConfig | None:
-        """At an epoch's end, `done` steps in: the rest planned again from the mean step time so far, which
-        drifts on a shared machine (planned once, runs of 120 and 300 s overran by 3 and 5%). None when
-        the plan stands (within 0.5%) or the run is over."""
-        if not self.config.max_steps or done >= self.config.max_steps:
-            return None
-        step_seconds = (time.perf_counter() - self.started) / done
-        return self._plan(done, step_seconds, tolerance=0.005)
+        self.next_check = self.done + max(1, int(REPLAN_SHARE * self.config.max_steps))
+        return plan
 
     def _plan(self, done: int, step_seconds: float, tolerance: float = 0.0) -> TrainConfig | None:
         config, steps_per_epoch = self.config, len(self.run.train_loader)

@@ -42,7 +42,7 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> to
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T
-    for _ in range(steps):  # x <- a x + (b G + c G^2) x, G = x x^T; addmm fuses the sums (~35% faster on a CPU)
+    for _ in range(steps):  # x <- a x + (b G + c G^2) x, G = x x^T; addmm fuses the sums: 3 kernels, not 8
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.T if tall else x).to(matrix.dtype)

@@ -110,15 +110,13 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
             for batch in run.train_loader:
                 loss, _ = train_step(run.step, batch, sums)
                 progress.on_batch(sums.batches, loss)
-                if budget is not None and budget.after_step(loss) is not None:  # the first steps timed: planned
+                if budget is not None and budget.after_step(loss) is not None:  # planned, or planned again
                     config = _follow_plan(session, budget, progress, saver)
                 if saver is not None:
                     saver.after_step(epoch, sums, stop.requested)
                 if (epoch - 1) * steps_per_epoch + sums.batches == total_steps(config, steps_per_epoch) \
                         and sums.batches < steps_per_epoch:
                     break  # --max-steps (or the time budget's plan) ends the run part-way through an epoch
-            if budget is not None and budget.after_epoch((epoch - 1) * steps_per_epoch + sums.batches) is not None:
-                config = _follow_plan(session, budget, progress, saver)
             last_eval = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype)
                          if run.eval_loader is not None and (epoch == config.epochs or not config.time_budget)
                          else None)
