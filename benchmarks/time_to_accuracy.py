@@ -68,7 +68,7 @@ def run_once(recipe_name: str, seed: int, out_root: Path, extra: list[str]) -> d
     return {"wall": wall, "accuracy": headline, "images_per_second": summary["images_per_second"],
             "precision": f"{summary['precision'].removeprefix('torch.')}, "
                          f"{'channels_last' if summary.get('channels_last') else 'NCHW'}",
-            "to_75": to_75, "train_seconds": summary["train_seconds"], "epochs": summary["epochs"]}
+            "to_75": to_75, "epoch_75": reached + 1 if reached is not None else None, "train_seconds": summary["train_seconds"], "epochs": summary["epochs"]}
 
 
 def describe(name: str, runs: list[dict], peak: float) -> dict:
@@ -118,7 +118,10 @@ def main() -> None:
             for i, ((name, n, flags), done) in enumerate(zip(plan, runs)):
                 if seed < n:
                     done.append(run_once(name, seed, Path(tmp) / str(i), flags))
-                    print(f"  {name} seed {seed}: {done[-1]['wall']:.1f}s, accuracy {100 * done[-1]['accuracy']:.2f}%",
+                    r = done[-1]
+                    reached = (f"75% first at epoch {r['epoch_75']}, {r['to_75']:.1f}s" if r["to_75"] is not None
+                               else "75% not reached in an epoch")
+                    print(f"  {name} seed {seed}: {r['wall']:.1f}s, accuracy {100 * r['accuracy']:.2f}% ({reached})",
                           flush=True)
         rows = [describe(name, done, peak) for (name, _, _), done in zip(plan, runs)]
 
