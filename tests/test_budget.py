@@ -88,3 +88,39 @@ def test_the_plan_is_revised_as_the_steps_slow_down(images: Path, tmp_path: Path
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + the one epoch
     summary = json.loads((run / "summary.json").read_text())
     assert summary["time_budget"]["steps"] == plans[-1] and summary["time_budget"]["used_seconds"] <= 3 + 1.0
+
+
+def test_a_budgeted_run_stopped_after_its_plan_resumes_to_the_planned_step(images: Path, tmp_path: Path,
+                                                                           monkeypatch, capsys) -> None:
+    """Ctrl-C after the plan: the checkpoint holds the plan, and the resumed run trains to its step (no
+    new plan: the clock of a resumed run says nothing about the steps left)."""
+    import signal
+
+    import torch.nn.functional as F
+
+    from cifarlab.errors import INTERRUPTED_STATUS
+
+    real, calls = F.cross_entropy, []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 30:  # the plan comes after 21 steps
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", interrupting)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(images), *TINY, "--time-budget", "5", "--out", str(run)]) == INTERRUPTED_STATUS
+    plans = [int(line.split(" so ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("time budget")]
+    assert plans and plans[-1] > 30
+    monkeypatch.setattr(F, "cross_entropy", real)
+    calls.clear()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "time budget" not in out
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert config["max_steps"] == plans[-1] == summary["time_budget"]["steps"]
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == config["epochs"] == -(-plans[-1] // 13)  # 13 steps an epoch: trained to the planned step
