@@ -68,7 +68,8 @@ def run_once(recipe_name: str, seed: int, out_root: Path, extra: list[str]) -> d
     return {"wall": wall, "accuracy": headline, "images_per_second": summary["images_per_second"],
             "precision": f"{summary['precision'].removeprefix('torch.')}, "
                          f"{'channels_last' if summary.get('channels_last') else 'NCHW'}",
-            "to_75": to_75, "epoch_75": reached + 1 if reached is not None else None, "train_seconds": summary["train_seconds"], "epochs": summary["epochs"]}
+            "to_75": to_75, "epoch_75": reached + 1 if reached is not None else None,
+            "train_seconds": summary["train_seconds"], "epochs": summary["epochs"]}
 
 
 def describe(name: str, runs: list[dict], peak: float) -> dict:
@@ -117,8 +118,8 @@ def main() -> None:
         for seed in range(max(n for _, n, _ in plan)):
             for i, ((name, n, flags), done) in enumerate(zip(plan, runs)):
                 if seed < n:
-                    done.append(run_once(name, seed, Path(tmp) / str(i), flags))
-                    r = done[-1]
+                    r = run_once(name, seed, Path(tmp) / str(i), flags)
+                    done.append(r)
                     reached = (f"plain val >= 75% first at epoch {r['epoch_75']}, {r['to_75']:.1f}s"
                                if r["to_75"] is not None else "plain val < 75% at every epoch's end")
                     print(f"  {name} seed {seed}: {r['wall']:.1f}s, accuracy {100 * r['accuracy']:.2f}% ({reached})",
