@@ -5,6 +5,9 @@ training, final evaluation, writing the run folder), timed from outside. Prints 
 
     python benchmarks/time_to_accuracy.py --recipe fast75 --runs 5 --baseline-runs 3 --baseline-epochs 6
 
+Each timed run of the recipe follows an untimed run of the same command (`--warm-runs`), so that every
+timed run starts where the machine has just run it, not where a long baseline run left it.
+
 Figures: median wall seconds, accuracy mean +- std over seeds, images/s, and the share of this
 machine's measured matmul peak that training reached (forward FLOPs x 3 for forward + backward).
 The headline is the ratio of the seed recipe's time to 75% (wall time up to the end of the first
@@ -96,6 +99,8 @@ def main() -> None:
     parser.add_argument("--baseline-runs", type=int, default=1)
     parser.add_argument("--baseline-epochs", type=int,
                         help="stop the baseline early (its schedule is constant, so the first epochs are the same)")
+    parser.add_argument("--warm-runs", type=int, default=1,
+                        help="untimed runs of the recipe before each timed one (default 1; see below)")
     parser.add_argument("--device", default="cpu")
     args, extra = parser.parse_known_args()
     extra += ["--device", args.device]
@@ -113,11 +118,16 @@ def main() -> None:
         if args.baseline:
             plan.append((args.baseline, args.baseline_runs, extra + baseline_extra))
         # interleaved (recipe seed 0, baseline seed 0, recipe seed 1, ...): a shared machine's speed drifts
-        # over minutes, and the ratio should not depend on which recipe ran in the slow minutes
+        # over minutes, and the ratio should not depend on which recipe ran in the slow minutes. Each timed
+        # run of the recipe follows an untimed one: on the Zen 4 of docs/speed.md a 20 s fast75 run straight
+        # after a 150 s seed run took 19-35 s (median 25), after anything else 18-23 s; the baseline's long
+        # runs absorb such after-effects of what ran before them
         runs: list[list[dict]] = [[] for _ in plan]
         for seed in range(max(n for _, n, _ in plan)):
             for i, ((name, n, flags), done) in enumerate(zip(plan, runs)):
                 if seed < n:
+                    for warm in range(args.warm_runs if i == 0 else 0):
+                        run_once(name, seed, Path(tmp) / f"warm-{seed}-{warm}", flags)
                     r = run_once(name, seed, Path(tmp) / str(i), flags)
                     done.append(r)
                     reached = (f"plain val >= 75% first at epoch {r['epoch_75']}, {r['to_75']:.1f}s"

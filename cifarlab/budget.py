@@ -24,7 +24,7 @@ from cifarlab.errors import CifarlabError
 CALIBRATION_STEPS = 20  # timed after the first (which builds the kernels): their mean is the step time
 SAFETY = 0.92  # share of the remaining time planned for steps: the machines are noisy
 FORWARD_SHARE = 0.4  # an evaluation image costs about this much of a training image (forward only)
-TTA_PASSES = {0: 1, 1: 3, 2: 7}  # passes over the evaluation split at the end: plain, then the TTA views
+TTA_PASSES = {0: 1, 1: 2, 2: 6}  # passes over the evaluation split at the end: plain, then the other TTA views
 MIN_EPOCH_SHARE = 0.25  # the least useful run: a quarter of the training images seen once
 # the rest planned again after every tenth of the plan: step times drift on a shared machine (planned
 # once, runs of 120 and 300 s overran by 3 and 5%; planned again only at epoch ends, a 30 s run of the

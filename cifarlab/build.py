@@ -7,6 +7,7 @@ optimizer, schedule, weight averaging, gradient scaler and loaders.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -98,8 +99,13 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
-    """The run's length in steps: --max-steps (what --time-budget sets), else whole epochs."""
-    return config.max_steps or config.epochs * steps_per_epoch
+    """The run's length in steps: --max-steps (what --time-budget sets), else --epochs' worth."""
+    return config.max_steps or max(round(config.epochs * steps_per_epoch), 1)
+
+
+def epoch_count(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The passes the run starts: the last one stops part-way when its steps end inside it."""
+    return math.ceil(total_steps(config, steps_per_epoch) / steps_per_epoch)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int,

@@ -101,11 +101,13 @@ def _shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
 
 
-def tta_log_probs(model: nn.Module, images: torch.Tensor, tta: int = 0) -> torch.Tensor:
+def tta_log_probs(model: nn.Module, images: torch.Tensor, tta: int = 0,
+                  plain: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities averaged over test-time views, as airbench does it.
 
     tta 0: the image alone. 1: the image and its mirror. 2: those two plus both shifted one pixel
-    up-left and down-right (6 views; the unshifted pair weighs half, as in airbench).
+    up-left and down-right (6 views; the unshifted pair weighs half, as in airbench). `plain`: the
+    image alone's probabilities, already computed (the last epoch's evaluation), not computed again.
     """
     if tta == 0:
         return model(images).float().log_softmax(dim=1)
@@ -115,24 +117,28 @@ def tta_log_probs(model: nn.Module, images: torch.Tensor, tta: int = 0) -> torch
         pair = views[:]
         views += [_shift(v, d, d) for d in (1, -1) for v in pair]
         weights = [0.25, 0.25] + [0.125] * 4
-    probs = sum(w * model(v).float().softmax(dim=1) for w, v in zip(weights, views)) / sum(weights)
-    return probs.clamp_min(1e-12).log()
+    probs = sum(w * (plain if i == 0 and plain is not None else model(v).float().softmax(dim=1))
+                for i, (w, v) in enumerate(zip(weights, views)))
+    return (probs / sum(weights)).clamp_min(1e-12).log()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             amp_dtype: torch.dtype | None = None, tta: int = 0) -> EvalResult:
+             amp_dtype: torch.dtype | None = None, tta: int = 0, plain: EvalResult | None = None) -> EvalResult:
     """Loss, accuracy and predictions of `model` over `loader` (see `tta_log_probs` for `tta`).
 
-    One host sync, at the end.
+    `plain`: this model's evaluation without test-time augmentation over the same loader, whose
+    probabilities stand in for the unaugmented view. One host sync, at the end.
     """
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    outputs, targets = [], []
+    outputs, targets, seen = [], [], 0
     for data, target in loader:
         data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        known = plain.probabilities[seen:seen + len(target)].to(device) if plain is not None and tta else None
+        seen += len(target)
         with autocast(device, amp_dtype):
-            output = tta_log_probs(model, data, tta)
+            output = tta_log_probs(model, data, tta, known)
         loss_sum += F.nll_loss(output, target, reduction="sum")
         outputs.append(output)
         targets.append(target)

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, TensorLoader, load_data
 from cifarlab.device import autocast_dtype, open_device
 from cifarlab.engine import evaluate
@@ -16,7 +17,6 @@ from cifarlab.plots import draw_confusion_matrix, draw_reliability, draw_worst_m
 from cifarlab.records import EvalResult
 from cifarlab.rundir import EVAL_JSON, load_model, resolve_model_path, save_figure, write_json
 
-EVAL_BATCH = 1000  # images per evaluation batch
 TTA_VIEWS = {1: 2, 2: 6}  # --tta level -> views averaged (the image and its mirror; plus 1-px shifts)
 
 
@@ -38,7 +38,7 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
         raise CifarlabError(f"{bundle.source}: its classes {bundle.classes} do not match the model's {info.classes}")
     split = split or bundle.eval_split or "train"
     images = bundle.split(split)
-    loader = TensorLoader(images, EVAL_BATCH, torch_device, (info.mean, info.std))
+    loader = TensorLoader(images, TrainConfig.eval_batch_size, torch_device, (info.mean, info.std))
     amp_dtype = autocast_dtype(torch_device, info.config.get("precision", "auto"))
     result = evaluate(model, loader, torch_device, amp_dtype)
     level = info.config.get("tta", 0) if tta is None else tta
@@ -50,13 +50,13 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
     }
     viewed = result
     if level:
-        viewed = evaluate(model, loader, torch_device, amp_dtype, tta=level)
+        viewed = evaluate(model, loader, torch_device, amp_dtype, tta=level, plain=result)
         report["tta"] = {"views": TTA_VIEWS[level], "accuracy": viewed.accuracy, "loss": viewed.loss,
                          "gain": viewed.accuracy - result.accuracy}
     if out is not None:
         extra = {key: report[key] for key in ("model", "data", "split")}
         extra["tta"] = report.get("tta")
-        views = write_eval_views(Path(out), viewed, images.images, info.classes, extra)
+        views = write_eval_views(Path(out), viewed, info.classes, extra, images.images)
         report.update(out=str(out), ece=views["ece"],
                       per_class={name: {"precision": v["precision"], "recall": v["recall"]}
                                  for name, v in views["per_class"].items()})
@@ -73,24 +73,33 @@ def _run_source(config: dict, data: str | None, dataset: str | None, image_size:
     return load_data(data, dataset, config.get("val_split") if own_source else 0, config.get("seed", 0), image_size)
 
 
-# file name -> how to draw it from (summary, images, classes); one table, no if/elif chain
-EVAL_VIEWS: dict[str, Callable[[dict, torch.Tensor, list[str]], object]] = {
+# file name -> how to draw it from (summary, images, classes); `images` is a callable that returns the
+# evaluated images (loader order), called only by the picture that shows them. One table, no if/elif chain
+EVAL_VIEWS: dict[str, Callable[[dict, Callable[[], torch.Tensor], list[str]], object]] = {
     "confusion_matrix.png": lambda s, images, classes: draw_confusion_matrix(s["confusion_matrix"], classes),
-    "worst_mistakes.png": lambda s, images, classes: draw_worst_mistakes(images, s["worst_mistakes"]),
+    "worst_mistakes.png": lambda s, images, classes: draw_worst_mistakes(images(), s["worst_mistakes"]),
     "reliability.png": lambda s, images, classes: draw_reliability(s["calibration_bins"], s["ece"]),
 }
 
 
-def write_eval_views(out_dir: Path, result: EvalResult, images: torch.Tensor, classes: list[str],
-                     extra: dict | None = None) -> dict:
-    """Write eval.json and the evaluation pictures for `result` (on `images`, in loader order) into out_dir.
+def write_eval_views(out_dir: Path, result: EvalResult, classes: list[str], extra: dict | None = None,
+                     images: torch.Tensor | None = None) -> dict:
+    """Write eval.json for `result` into out_dir and, given the evaluated `images` (in loader order), the
+    pictures too (`eval --out`). `train` writes the numbers only: drawing takes 1-2 s at the end of every
+    run, which `report` pays instead, from eval.json, when someone looks.
 
     `extra` (split, data, TTA figures...) is merged into eval.json. Returns what eval.json holds.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {**(extra or {}), "loss": result.loss,
                **summarize(result.predictions, result.targets, result.probabilities, classes)}
-    for name, draw in EVAL_VIEWS.items():
-        save_figure(draw(summary, images.cpu(), classes), out_dir / name)
+    for name, draw in EVAL_VIEWS.items() if images is not None else ():
+        save_figure(draw(summary, images.cpu, classes), out_dir / name)
     write_json(out_dir / EVAL_JSON, summary)
     return summary
+
+
+def run_images(config: dict, split: str) -> torch.Tensor:
+    """The images of a run's `split` (uint8), from its own source split as in training: the tiles of
+    worst_mistakes.png when `report` draws it from eval.json."""
+    return _run_source(config, None, None, config.get("image_size", 32)).split(split).images

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from cifarlab.errors import CifarlabError
+from cifarlab.evaluation import EVAL_VIEWS, run_images
 from cifarlab.plots import draw_generalisation_gap
 from cifarlab.rundir import (CONFIG_FILE, CURVES_FILE, EVAL_DIR, EVAL_JSON, METRICS_FILE, REPORT_FILE, SUMMARY_FILE,
                              write_text)
@@ -137,13 +138,32 @@ def _eval_section(run: dict) -> str:
     per_class = html_table([[name, _pct(v["accuracy"]), _pct(v["precision"]), _pct(v["recall"]), v["support"]]
                             for name, v in ev["per_class"].items()],
                            ["class", "accuracy", "precision", "recall", "images"])
-    pictures = {name: folder / name for name in ("confusion_matrix.png", "reliability.png", "worst_mistakes.png")}
-    tag = lambda name, alt: png_tag(pictures[name].read_bytes(), alt) if pictures[name].exists() else ""  # noqa: E731
+    tag = _eval_pictures(run)
     return (f"<h2>Evaluation</h2><p>{'<br>'.join(lines)}</p>"
-            f"<div class=row><div><h3>Confusion matrix</h3>{tag('confusion_matrix.png', 'confusion matrix')}</div>"
+            f"<div class=row><div><h3>Confusion matrix</h3>{tag['confusion_matrix.png']}</div>"
             f"<div><h3>Per class</h3>{per_class}</div></div>"
-            f"<div class=row><div><h3>Calibration</h3>{tag('reliability.png', 'reliability diagram')}</div>"
-            f"<div><h3>Most confident mistakes</h3>{tag('worst_mistakes.png', 'worst mistakes')}</div></div>")
+            f"<div class=row><div><h3>Calibration</h3>{tag['reliability.png']}</div>"
+            f"<div><h3>Most confident mistakes</h3>{tag['worst_mistakes.png']}</div></div>")
+
+
+def _eval_pictures(run: dict) -> dict[str, str]:
+    """Each evaluation picture as an <img> tag: the eval folder's PNG where `eval --out` drew it, else
+    drawn now from eval.json (`train` writes only the numbers). The worst mistakes show images, read
+    again from the run's source as `eval` reads it; a note takes their place if it cannot be read."""
+    ev, folder, tags = run["eval"], run["dir"] / EVAL_DIR, {}
+
+    def images():
+        return run_images(run["config"], ev["split"])
+    for name, draw in EVAL_VIEWS.items():
+        alt = name.removesuffix(".png").replace("_", " ")
+        try:
+            png = (folder / name).read_bytes() if (folder / name).exists() else figure_png(
+                draw(ev, images, list(ev["per_class"])))
+        except CifarlabError as error:
+            tags[name] = f"<p class=muted>not drawn: {html.escape(str(error))}</p>"
+            continue
+        tags[name] = png_tag(png, alt)
+    return tags
 
 
 # the headline, the curves and the confusion matrix first; details and the full config last

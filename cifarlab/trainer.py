@@ -22,14 +22,15 @@ import numpy as np
 import torch
 
 from cifarlab.budget import TimeBudget
-from cifarlab.build import Run, Runtime, build_run, freeze_whiten_bias, resolve_runtime, total_steps
+from cifarlab.build import Run, Runtime, build_run, epoch_count, freeze_whiten_bias, resolve_runtime, total_steps
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
-from cifarlab.device import gpu_memory_fraction, limit_gpu_memory, pick_device, set_cpu_threads
+from cifarlab.device import gpu_memory_fraction, keep_freed_memory, limit_gpu_memory, pick_device, set_cpu_threads
 from cifarlab.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_object, env_info, report_failure,
                                   setup, teardown)
 from cifarlab.engine import evaluate, train_step
 from cifarlab.errors import CifarlabError
+from cifarlab.optim import STEP_IMPORTS_DYNAMO
 from cifarlab.evaluation import write_eval_views
 from cifarlab.plots import draw_curves
 from cifarlab.progress import EpochProgress
@@ -88,7 +89,7 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
     main, steps_per_epoch = runtime.dist.is_main, len(run.train_loader)
     history = History(list(start.done))
     # other ranks: no live bar (their stdout, /dev/null by now, is no terminal)
-    progress = EpochProgress(config.epochs, steps_per_epoch, session.bundle.eval_split,
+    progress = EpochProgress(epoch_count(config, steps_per_epoch), steps_per_epoch, session.bundle.eval_split,
                              bar_stream=None if main else sys.stdout)
     log = stack.enter_context(contextlib.closing(MetricsLog(session.run_dir, session.tensorboard))) if main else None
     for record in history.records if main else []:
@@ -99,7 +100,7 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
     budget = _time_budget(session)
     last_eval, epoch = None, start.epoch
     try:
-        while epoch <= config.epochs:  # a time budget may change the number of epochs in the first one
+        while epoch <= epoch_count(config, steps_per_epoch):  # a time budget may change it in the first one
             started = time.perf_counter()
             sums = (start.sums if epoch == start.epoch else None) or EpochSums.zeros(
                 runtime.device, run.step.optimizer.param_groups[0]["lr"])
@@ -116,9 +117,9 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
                     saver.after_step(epoch, sums, stop.requested)
                 if (epoch - 1) * steps_per_epoch + sums.batches == total_steps(config, steps_per_epoch) \
                         and sums.batches < steps_per_epoch:
-                    break  # --max-steps (or the time budget's plan) ends the run part-way through an epoch
+                    break  # a fraction of --epochs, --max-steps or a time budget's plan ends part-way through
             last_eval = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype)
-                         if run.eval_loader is not None and (epoch == config.epochs or not config.time_budget)
+                         if run.eval_loader is not None and (epoch == epoch_count(config, steps_per_epoch) or not config.time_budget)
                          else None)
             record = _epoch_record(epoch, sums, last_eval, time.perf_counter() - started, runtime)
             progress.end_epoch(record)
@@ -167,16 +168,18 @@ def open_session(config: TrainConfig, out: str | None, tensorboard: bool, resume
                  stack: contextlib.ExitStack) -> Session:
     """Everything a run needs before its first step: processes, data, run folder, objects, resume state."""
     started = time.perf_counter()
-    # torch.optim's optimizers import torch._dynamo when first built (about 1 s): start that import now, in a
-    # thread, so it runs while the data loads (the GIL is mostly free there) instead of after
-    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-imports").start()
     state = None
     if resume is not None:
         run_dir, state = _open_checkpoint(resume, stack)
         config = TrainConfig.from_dict(state["config"])
     config = config.validate()
+    if config.optimizer in STEP_IMPORTS_DYNAMO or config.compile:
+        # torch._dynamo will be imported at the first step (about 1 s): start that import now, in a thread,
+        # so it runs while the data loads (the GIL is mostly free there) instead of after
+        threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-imports").start()
     dist_info, device = _start_processes(config, stack)
     threads = set_cpu_threads(dist_info.local_world) if device.type == "cpu" else None
+    keep_freed_memory()  # steps that free and re-allocate their activations stop page-faulting them in
     notes: list[str] = []
     bundle = load_data(config.data, config.dataset, config.val_split, config.seed, config.image_size, notes)
     for note in notes:
@@ -272,8 +275,8 @@ def out_of_memory(device: torch.device, config: TrainConfig) -> CifarlabError:
 # --- after the last step -----------------------------------------------------------------------------
 
 def write_results(session: Session, history: History, last_eval: EvalResult | None, train_seconds: float) -> None:
-    """model.pt, test-time augmentation once, the final line; then curves.png and the evaluation views
-    (2 s of drawing the result need not wait for), and summary.json last: it marks the run complete."""
+    """model.pt, test-time augmentation once, the final line; then curves.png and eval.json (drawing
+    the result need not wait for), and summary.json last: it marks the run complete."""
     config, run, bundle, runtime = session.config, session.run, session.bundle, session.runtime
     write_json(session.run_dir / CONFIG_FILE, config.to_dict())  # again: a time budget's plan is in it now
     save_model(session.run_dir / MODEL_FILE, run.final_model, run.info)
@@ -281,20 +284,20 @@ def write_results(session: Session, history: History, last_eval: EvalResult | No
     if last_eval is None and run.eval_loader is not None:  # resumed after its last epoch: predict again
         last_eval = evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype)
     # test-time augmentation once, on the final weights: epochs are compared without it (cheaper, and
-    # what `eval` reports by default); the recipe's headline figure is this one (`eval --tta N`)
+    # what `eval` reports by default); the recipe's headline figure is this one (`eval --tta N`). The
+    # unaugmented view is the last evaluation's, not computed again
     tta_started = time.perf_counter()
-    tta = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype, config.tta)
+    tta = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype, config.tta, last_eval)
            if config.tta and run.eval_loader is not None else None)
     summary = _summary(session, history, tta, train_seconds, time.perf_counter() - tta_started)
     final = f"{split} accuracy {100 * summary['accuracy']:.2f}%" if summary["accuracy"] is not None else "done"
     if tta is not None:
         final += f" ({100 * tta.accuracy:.2f}% with test-time augmentation level {config.tta})"
-    print(f"{final} after {config.epochs} epochs in {summary['wall_seconds']:.1f}s; writing the views into "
+    print(f"{final} after {config.epochs:g} epochs in {summary['wall_seconds']:.1f}s; writing the curves into "
           f"{session.run_dir}", flush=True)
-    save_figure(draw_curves(history, config.epochs), session.run_dir / CURVES_FILE)
-    if last_eval is not None:  # the views `eval --out` writes
-        write_eval_views(session.run_dir / EVAL_DIR, last_eval, bundle.split(split).images, bundle.classes,
-                         {"split": split, "data": bundle.source})
+    save_figure(draw_curves(history, epoch_count(config, len(run.train_loader))), session.run_dir / CURVES_FILE)
+    if last_eval is not None:  # eval.json, the numbers of the views; `report` draws them
+        write_eval_views(session.run_dir / EVAL_DIR, last_eval, bundle.classes, {"split": split, "data": bundle.source})
     finish_run(session.run_dir, summary)
 
 

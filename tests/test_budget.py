@@ -65,6 +65,21 @@ def test_max_steps_ends_the_run_part_way_through_an_epoch(images: Path, tmp_path
     assert summary["epochs"] == 2 and summary["images_per_second"] > 0
 
 
+def test_a_fraction_of_an_epoch_ends_the_last_one_part_way(images: Path, tmp_path: Path, monkeypatch) -> None:
+    """--epochs 1.5 with 13 steps an epoch: round(19.5) = 20 steps, 13 then 7, the schedule ending there."""
+    import cifarlab.trainer as trainer_module
+
+    steps = []
+    real_step = trainer_module.train_step
+    monkeypatch.setattr(trainer_module, "train_step", lambda *args: steps.append(1) or real_step(*args))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(images), *TINY, "--epochs", "1.5", "--schedule", "onecycle",
+                 "--out", str(run)]) == 0
+    assert len(steps) == 20 and len((run / "metrics.csv").read_text().splitlines()[1:]) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 1.5 and json.loads((run / "config.json").read_text())["max_steps"] == 0
+
+
 def test_the_plan_is_revised_as_the_steps_slow_down(images: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """Planned once from the first steps, a run whose steps then slow down overruns its budget: every
     tenth of the run plans the rest again from the mean step time so far, so the plan shrinks, also

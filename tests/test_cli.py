@@ -146,9 +146,9 @@ def test_default_run_folders_are_new_each_time(image_root: Path, tmp_path: Path)
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "no/such/place"], "no/such/place: no such file or folder"),
-    (["train", "--data", "IMAGES", "--lr", "0"], "--lr 0.0: must be greater than 0"),
+    (["train", "--data", "IMAGES", "--lr", "0"], "--lr 0: must be greater than 0"),
     (["train", "--data", "IMAGES", "--batch-size", "0"], "--batch-size 0: must be 1 or more"),
-    (["train", "--data", "IMAGES", "--epochs", "0"], "--epochs 0: must be 1 or more"),
+    (["train", "--data", "IMAGES", "--epochs", "0"], "--epochs 0: must be greater than 0"),
     (["train", "--data", "IMAGES", "--val-split", "100000"], "--val-split 100000: must be from 0 to"),
     (["train", "--data", "IMAGES", "--recipe", "sed"], "unknown recipe 'sed' (did you mean seed?)"),
     (["train", "--data", "IMAGES", "--model", "cifar_cnn"], "unknown model 'cifar_cnn' (did you mean cifar10_cnn?)"),

@@ -112,3 +112,15 @@ def test_fp16_training_scales_the_loss_and_unscales_before_clipping() -> None:
     assert len(scaled) == len(unscaled) == len(loader)
     assert torch.isfinite(loss) and step.scaler.get_scale() > 1
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_tta_reusing_the_plain_evaluation_matches_computing_it_again() -> None:
+    """The final TTA takes the last epoch's unaugmented probabilities instead of a sixth forward pass."""
+    model, loader = _model(), _separable_loader(n=200, batch_size=64, shuffle=False)
+    plain = evaluate(model, loader, torch.device("cpu"))
+    for level in (1, 2):
+        again = evaluate(model, loader, torch.device("cpu"), tta=level)
+        reused = evaluate(model, loader, torch.device("cpu"), tta=level, plain=plain)
+        assert torch.allclose(reused.probabilities, again.probabilities, atol=1e-6)
+        assert reused.accuracy == again.accuracy and abs(reused.loss - again.loss) < 1e-6
+    assert not torch.allclose(evaluate(model, loader, torch.device("cpu"), tta=2).probabilities, plain.probabilities)

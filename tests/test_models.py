@@ -165,17 +165,19 @@ def test_the_whitening_bias_trains_its_first_epochs_then_stays(tmp_path, image_f
     assert main(args[:-2] + ["--model", "cifar10_cnn", "--out", str(tmp_path / "other")]) == 2  # no stem: an error
 
 
-def test_the_whitening_stem_decorrelates_the_patches_it_was_fitted_on() -> None:
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_whitening_stem_decorrelates_the_patches_it_was_fitted_on(stride: int) -> None:
     """After init_from_data, the stem's first half (the eigenbasis; the second half is its negation)
-    maps the 2x2 patches of strongly correlated images to unit, uncorrelated features."""
+    maps the 2x2 patches it sees (every one at stride 1, every other at stride 2) of strongly correlated
+    images to unit, uncorrelated features."""
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(400, 1, 32, 32, generator=generator)
     images = base + 0.3 * torch.randn(400, 3, 32, 32, generator=generator)  # channels highly correlated
     images = images + torch.nn.functional.avg_pool2d(images, 3, 1, 1)  # and neighbouring pixels too
-    model = create_model("fast_net", widths=[8, 8, 8])
+    model = create_model("fast_net", widths=[8, 8, 8], whiten_stride=stride)
     model.init_from_data(images)
     with torch.no_grad():
-        features = torch.nn.functional.conv2d(images, model.whiten.weight[:12])  # stride 1: every patch
+        features = torch.nn.functional.conv2d(images, model.whiten.weight[:12], stride=stride)
     features = features.permute(0, 2, 3, 1).reshape(-1, 12)
     features = features - features.mean(dim=0)
     covariance = features.T @ features / len(features)

@@ -87,12 +87,12 @@ class FastNet(nn.Module):
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
         """Set the stem to whiten `images` (normalised float, N x 3 x H x W; a few thousand suffice)."""
-        k, images = self.whiten.kernel_size[0], images.float()
+        k, s, images = self.whiten.kernel_size[0], self.whiten.stride[0], images.float()
         h, w = images.shape[2] - k + 1, images.shape[3] - k + 1
-        # every k x k patch as a column of (channel, row, column) values: one row per offset in the patch,
-        # copied from slices (3x faster than unfold + permute, whose copy gathers element by element)
-        offsets = torch.stack([images[:, c, dy:dy + h, dx:dx + w] for c in range(3) for dy in range(k)
-                               for dx in range(k)]).view(3 * k * k, -1)
+        # every k x k patch the stem sees (at its stride) as a column of (channel, row, column) values: one
+        # row per offset in the patch, copied from slices (3x faster than unfold + permute)
+        offsets = torch.stack([images[:, c, dy:dy + h:s, dx:dx + w:s] for c in range(3) for dy in range(k)
+                               for dx in range(k)]).reshape(3 * k * k, -1)
         covariance = offsets @ offsets.T / offsets.shape[1]
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, 3, k, k)
