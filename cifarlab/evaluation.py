@@ -93,8 +93,9 @@ def write_eval_views(out_dir: Path, result: EvalResult, classes: list[str], extr
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {**(extra or {}), "loss": result.loss,
                **summarize(result.predictions, result.targets, result.probabilities, classes)}
-    for name, draw in EVAL_VIEWS.items() if images is not None else ():
-        save_figure(draw(summary, images.cpu, classes), out_dir / name)
+    if images is not None:
+        for name, draw in EVAL_VIEWS.items():
+            save_figure(draw(summary, images.cpu, classes), out_dir / name)
     write_json(out_dir / EVAL_JSON, summary)
     return summary
 

@@ -30,8 +30,8 @@ from cifarlab.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_
                                   setup, teardown)
 from cifarlab.engine import evaluate, train_step
 from cifarlab.errors import CifarlabError
-from cifarlab.optim import STEP_IMPORTS_DYNAMO
 from cifarlab.evaluation import write_eval_views
+from cifarlab.optim import STEP_IMPORTS_DYNAMO
 from cifarlab.plots import draw_curves
 from cifarlab.progress import EpochProgress
 from cifarlab.records import EpochRecord, EpochSums, EvalResult, History
@@ -118,9 +118,9 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
                 if (epoch - 1) * steps_per_epoch + sums.batches == total_steps(config, steps_per_epoch) \
                         and sums.batches < steps_per_epoch:
                     break  # a fraction of --epochs, --max-steps or a time budget's plan ends part-way through
+            last_epoch = epoch == epoch_count(config, steps_per_epoch)
             last_eval = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype)
-                         if run.eval_loader is not None and (epoch == epoch_count(config, steps_per_epoch) or not config.time_budget)
-                         else None)
+                         if run.eval_loader is not None and (last_epoch or not config.time_budget) else None)
             record = _epoch_record(epoch, sums, last_eval, time.perf_counter() - started, runtime)
             progress.end_epoch(record)
             history.records.append(record)
