@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model and write a run folder",
                                 description="Train a model. Starts from a recipe; each flag given overrides "
-                                            "the recipe's value. Writes config.json, metrics.csv, curves.png, "
-                                            "model.pt, summary.json and eval/eval.json into the run folder "
-                                            "(`report` draws the evaluation views from it).")
+                                            "the recipe's value. Writes config.json, metrics.csv, model.pt, "
+                                            "summary.json and eval/eval.json into the run folder: numbers only "
+                                            "(`report` draws the curves and the evaluation views from them).")
     add_data_args(train)
     base = train.add_mutually_exclusive_group()
     base.add_argument("--recipe", help=f"named settings to start from: {', '.join(sorted(RECIPES))} "

@@ -7,9 +7,7 @@ so one bad path never hides the comparison of the others.
 """
 from __future__ import annotations
 
-import csv
 import html
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -20,8 +18,8 @@ import torch
 from cifarlab.errors import CifarlabError
 from cifarlab.plots import draw_comparison
 from cifarlab.report import CSP, SCRIPT, STYLE, figure_png, html_table, png_tag
-from cifarlab.rundir import (CONFIG_FILE, LOCK_FILE, METRIC_COLUMNS, METRICS_FILE, MODEL_FILE, SUMMARY_FILE,
-                             atomic_file, write_text)
+from cifarlab.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, atomic_file,
+                             read_metrics, write_text)
 # state_dict entries that are buffers, not trained weights (BatchNorm's running statistics)
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 COMPARE_PNG = "compare.png"
@@ -53,44 +51,6 @@ def _read_json_object(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CifarlabError(f"{path}: corrupt JSON (expected an object, got {type(data).__name__})")
     return data
-
-
-def _number(text: str, path: Path, line: int, column: str) -> float | None:
-    if text == "":
-        return None  # the writer leaves val columns empty when nothing was evaluated
-    try:
-        return float(text)
-    except ValueError:
-        raise CifarlabError(f"{path}: corrupt CSV (line {line}: {column}={text!r} is not a number)") from None
-
-
-def read_metrics(path: Path) -> list[dict[str, float | None]]:
-    """metrics.csv's complete rows, numbers parsed (epoch as int). A run still training may be halfway
-    through writing a line, so whatever follows the last newline is not a row yet and is left out."""
-    if not path.exists():
-        return []  # a run that has not finished its first epoch
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CifarlabError(f"{path}: unreadable ({error})") from None
-    complete = text[: text.rfind("\n") + 1]
-    reader = csv.DictReader(io.StringIO(complete))
-    if reader.fieldnames is None:
-        return []  # empty, or the header itself not written yet
-    if "epoch" not in reader.fieldnames:
-        raise CifarlabError(f"{path}: corrupt CSV (the header has no 'epoch' column)")
-    rows = []
-    for raw in reader:
-        line = reader.line_num
-        if None in raw or None in raw.values():  # more or fewer fields than the header names
-            raise CifarlabError(f"{path}: corrupt CSV (line {line} does not have the header's "
-                                f"{len(reader.fieldnames)} fields)")
-        row = {column: _number(raw[column], path, line, column) for column in METRIC_COLUMNS if column in raw}
-        if row["epoch"] is None:
-            raise CifarlabError(f"{path}: corrupt CSV (line {line} has no epoch)")
-        row["epoch"] = int(row["epoch"])
-        rows.append(row)
-    return rows
 
 
 def _lock_held(lock: Path) -> bool:

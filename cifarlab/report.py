@@ -11,7 +11,6 @@ the browser test reads it to check every image rendered.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -19,8 +18,9 @@ from pathlib import Path
 
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import EVAL_VIEWS, run_images
-from cifarlab.plots import draw_generalisation_gap
-from cifarlab.rundir import (CONFIG_FILE, CURVES_FILE, EVAL_DIR, EVAL_JSON, METRICS_FILE, REPORT_FILE, SUMMARY_FILE,
+from cifarlab.plots import draw_curves, draw_generalisation_gap
+from cifarlab.records import EpochRecord, History
+from cifarlab.rundir import (CONFIG_FILE, EVAL_DIR, EVAL_JSON, METRIC_COLUMNS, METRICS_FILE, REPORT_FILE, SUMMARY_FILE, read_metrics,
                              write_text)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -102,18 +102,21 @@ def _details_section(run: dict) -> str:
 
 
 def _curves_section(run: dict) -> str:
-    curves = run["dir"] / CURVES_FILE
-    if not curves.exists():
-        return f"<h2>Learning curves</h2><p class=muted>no {CURVES_FILE} in this run folder</p>"
-    return f"<h2>Learning curves</h2>{png_tag(curves.read_bytes(), 'learning curves')}"
+    """The notebook's picture, drawn here from metrics.csv: `train` writes the numbers only."""
+    rows = run["metrics"]
+    if not rows:
+        return f"<h2>Learning curves</h2><p class=muted>no epoch has finished yet (no rows in {METRICS_FILE})</p>"
+    history = History([EpochRecord(**{column: row.get(column) for column in METRIC_COLUMNS}) for row in rows])
+    figure = draw_curves(history, len(rows))
+    return f"<h2>Learning curves</h2>{png_tag(figure_png(figure), 'learning curves')}"
 
 
 def _gap_section(run: dict) -> str:
-    rows = [r for r in run["metrics"] if r.get("val_acc") not in (None, "")]
+    rows = [r for r in run["metrics"] if r.get("val_acc") is not None]
     if not rows:
         return "<h2>Generalisation gap</h2><p class=muted>no validation accuracy was recorded</p>"
-    epochs = [int(r["epoch"]) for r in rows]
-    train, val = [float(r["train_acc"]) for r in rows], [float(r["val_acc"]) for r in rows]
+    epochs = [r["epoch"] for r in rows]
+    train, val = [r["train_acc"] for r in rows], [r["val_acc"] for r in rows]
     figure = draw_generalisation_gap(epochs, train, val)
     table = html_table([[e, _pct(t), _pct(v), f"{100 * (t - v):+.2f}"] for e, t, v in zip(epochs, train, val)],
                        ["epoch", "train accuracy", "validation accuracy", "gap (points)"])
@@ -173,10 +176,8 @@ SECTIONS = [_headline_section, _curves_section, _eval_section, _gap_section, _de
 def load_run(run_dir: Path) -> dict:
     if not run_dir.is_dir() or not (run_dir / CONFIG_FILE).exists():
         raise CifarlabError(f"{run_dir}: not a run folder (no {CONFIG_FILE})")
-    metrics_path = run_dir / METRICS_FILE
-    metrics = list(csv.DictReader(metrics_path.open())) if metrics_path.exists() else []
     return {"dir": run_dir, "config": _read_json(run_dir / CONFIG_FILE),
-            "summary": _read_json(run_dir / SUMMARY_FILE), "metrics": metrics,
+            "summary": _read_json(run_dir / SUMMARY_FILE), "metrics": read_metrics(run_dir / METRICS_FILE),
             "eval": _read_json(run_dir / EVAL_DIR / EVAL_JSON)}
 
 

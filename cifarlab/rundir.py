@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import pickle
@@ -30,7 +31,6 @@ from cifarlab.records import EpochRecord
 
 CONFIG_FILE = "config.json"  # the resolved TrainConfig
 METRICS_FILE = "metrics.csv"  # one row per finished epoch, flushed as it ends
-CURVES_FILE = "curves.png"
 MODEL_FILE = "model.pt"  # the result: weights and what eval/predict need
 SUMMARY_FILE = "summary.json"  # accuracy, timing, device, versions: written last
 CHECKPOINT_FILE = "checkpoint.pt"  # resume state while the run is unfinished
@@ -300,6 +300,45 @@ class MetricsLog:
         self.file.close()
         if self.board is not None:
             self.board.close()
+
+
+def _number(text: str, path: Path, line: int, column: str) -> float | None:
+    if text == "":
+        return None  # the writer leaves val columns empty when nothing was evaluated
+    try:
+        return float(text)
+    except ValueError:
+        raise CifarlabError(f"{path}: corrupt CSV (line {line}: {column}={text!r} is not a number)") from None
+
+
+def read_metrics(path: Path) -> list[dict[str, float | None]]:
+    """metrics.csv's complete rows, numbers parsed (epoch as int). A run still training may be halfway
+    through writing a line, so whatever follows the last newline is not a row yet and is left out."""
+    if not path.exists():
+        return []  # a run that has not finished its first epoch
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CifarlabError(f"{path}: unreadable ({error})") from None
+    complete = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(complete))
+    if reader.fieldnames is None:
+        return []  # empty, or the header itself not written yet
+    if "epoch" not in reader.fieldnames:
+        raise CifarlabError(f"{path}: corrupt CSV (the header has no 'epoch' column)")
+    rows = []
+    for raw in reader:
+        line = reader.line_num
+        if None in raw or None in raw.values():  # more or fewer fields than the header names
+            raise CifarlabError(f"{path}: corrupt CSV (line {line} does not have the header's "
+                                f"{len(reader.fieldnames)} fields)")
+        row = {column: _number(raw[column], path, line, column) for column in METRIC_COLUMNS if column in raw}
+        if row["epoch"] is None:
+            raise CifarlabError(f"{path}: corrupt CSV (line {line} has no epoch)")
+        row["epoch"] = int(row["epoch"])
+        rows.append(row)
+    return rows
+
 
 
 # --- the summary -----------------------------------------------------------------------------------

@@ -40,15 +40,13 @@ def test_train_writes_a_complete_run_folder_and_eval_agrees(image_root: Path, tm
     assert "evaluating on val: 12 images held out" in printed
     assert "epoch 1/2" in printed and "epoch 2/2" in printed  # one plain line per epoch when not a terminal
 
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.png", "eval", "metrics.csv", "model.pt",
-                                                     "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "eval", "metrics.csv", "model.pt", "summary.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 2 and config["batch_size"] == 16 and config["val_split"] == 12
     assert config["data"] == str(image_root.resolve()) and config["model"] == "cifar10_cnn"
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_split"] == "val" and summary["eval_images"] == 12 and summary["train_images"] == 48
     assert summary["images_per_second"] > 0 and summary["versions"]["torch"] == torch.__version__

@@ -24,7 +24,7 @@ from cifarlab.cli import main
 from cifarlab.data import Augment, TensorLoader
 from cifarlab.data.sources import ImageSet
 
-RUN_FILES = ["config.json", "curves.png", "eval", "metrics.csv", "model.pt", "summary.json"]
+RUN_FILES = ["config.json", "eval", "metrics.csv", "model.pt", "summary.json"]
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 
 

@@ -31,8 +31,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
-def test_train_ends_by_writing_the_numbers_of_the_evaluation_views(run_dir: Path) -> None:
-    """eval.json only: the pictures are drawn by `report` (below) or `eval --out`, not at every run's end."""
+def test_train_ends_by_writing_numbers_and_no_pictures(run_dir: Path) -> None:
+    """metrics.csv and eval.json: the pictures are drawn by `report` (below) or `eval --out`, not at every
+    run's end."""
+    assert not list(run_dir.rglob("*.png"))
     assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["eval.json"]
     views = json.loads((run_dir / "eval" / "eval.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -101,6 +103,16 @@ def test_report_draws_the_views_train_left_as_numbers(run_dir: Path, tmp_path: P
     assert main(["report", str(copy)]) == 0
     page = (copy / "report.html").read_text()
     assert page.count("<img ") == 4 and "not drawn: " in page and "gone" in page
+
+
+def test_report_of_a_run_before_its_first_epoch_says_so(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "early"
+    copy.mkdir()
+    shutil.copy(run_dir / "config.json", copy)
+    (copy / "metrics.csv").write_text((run_dir / "metrics.csv").read_text().splitlines()[0] + "\n1,0.5")  # half a row
+    assert main(["report", str(copy)]) == 0
+    page = (copy / "report.html").read_text()
+    assert "the run has not finished" in page and "no epoch has finished yet" in page and "<img " not in page
 
 
 def _chromium() -> str:

@@ -30,8 +30,8 @@ TINY_MODEL = {"channels": [8, 8, 16, 16], "hidden": 32}
 
 @pytest.fixture(autouse=True)
 def quick_in_process_runs(monkeypatch) -> Iterator[None]:
-    """In-process runs use a small CNN and skip drawing (matplotlib is most of a tiny run's time).
-    The subprocess tests (the kill test among them) run the real recipe and draw."""
+    """In-process runs use a small CNN and skip writing eval.json's views. The subprocess tests (the
+    kill test among them) run the real recipe."""
     import cifarlab.cli as cli_module
     import cifarlab.evaluation as evaluation_module
     import cifarlab.trainer as trainer_module
@@ -39,8 +39,6 @@ def quick_in_process_runs(monkeypatch) -> Iterator[None]:
     real_recipe = cli_module.recipe
     monkeypatch.setattr(cli_module, "recipe", lambda name: dataclasses.replace(real_recipe(name),
                                                                                model_args=TINY_MODEL))
-    monkeypatch.setattr(trainer_module, "draw_curves", lambda *args, **kwargs: None)
-    monkeypatch.setattr(trainer_module, "save_figure", lambda *args, **kwargs: None)
     monkeypatch.setattr(trainer_module, "write_eval_views", lambda *args, **kwargs: None, raising=False)
     # one thread: on a busy 2-core machine two OpenMP threads wait on each other and tiny steps run ~10x slower
     threads = torch.get_num_threads()
