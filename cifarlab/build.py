@@ -83,10 +83,9 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     data_dependent_init(model, bundle, runtime.device, stats, config.seed)
     check_whiten_bias_freeze(model, config, runtime)
     train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
-    groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale,
-                          filter_lr=config.muon_lr if config.optimizer == "muon" else None,
+    groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale, filter_lr=config.filter_lr,
                           bias_decay=config.bias_decay)
-    optimizer = build_optimizer(config.optimizer, groups, config.momentum)
+    optimizer = build_optimizer(config.optimizer, groups, config.momentum, runtime.amp_dtype)
     scheduler = make_scheduler(optimizer, config, len(train_loader))
     ema = WeightEMA(model, config.ema) if config.ema else None
     lookahead = Lookahead(model, total_steps(config, len(train_loader))) if config.lookahead else None

@@ -153,6 +153,11 @@ class TrainConfig:
             args["image_size"] = self.image_size
         return args
 
+    @property
+    def filter_lr(self) -> float | None:
+        """The conv filters' rate in a group of their own (Muon's orthogonal steps); None for other optimizers."""
+        return self.muon_lr if self.optimizer == "muon" else None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

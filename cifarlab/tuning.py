@@ -99,10 +99,11 @@ def _images_per_second(config: TrainConfig, num_classes: int, precision: str, ch
     generator = torch.Generator().manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = create_model(config.model, **config.builder_args(num_classes)).to(memory_format=layout).train()
-    optimizer = build_optimizer(config.optimizer, param_groups(model, 1e-3, 0.0), config.momentum)
+    dtype = autocast_dtype(device, precision)  # Muon's orthogonal steps too: the candidate's whole step
+    optimizer = build_optimizer(config.optimizer, param_groups(model, 1e-3, 0.0, filter_lr=config.filter_lr),
+                                config.momentum, dtype)
     images = torch.randn(config.batch_size, 3, config.image_size, config.image_size, generator=generator)
     labels = torch.randint(num_classes, (config.batch_size,), generator=generator)
-    dtype = autocast_dtype(device, precision)
     seconds = []
     for _ in range(1 + TIMED_STEPS):
         started = time.perf_counter()

@@ -4,19 +4,28 @@ import torch
 
 from cifarlab.engine import Step, train_step
 from cifarlab.models import create_model
-from cifarlab.optim import Muon, build_scheduler, newton_schulz, param_groups
+from cifarlab.optim import Muon, build_optimizer, build_scheduler, newton_schulz, param_groups
 
 
-def test_newton_schulz_pushes_every_singular_value_towards_one() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_newton_schulz_pushes_every_singular_value_towards_one(dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(0)
     for shape in [(16, 72), (72, 16)]:  # wide and tall filter banks
         matrix = torch.randn(*shape, generator=generator)
-        singular = torch.linalg.svdvals(newton_schulz(matrix))
-        assert newton_schulz(matrix).shape == shape
+        singular = torch.linalg.svdvals(newton_schulz(matrix, dtype=dtype))
+        assert newton_schulz(matrix, dtype=dtype).shape == shape
         assert singular.min() > 0.5 and singular.max() < 1.3
         scaled = matrix * torch.logspace(-1, 1, shape[1])  # badly scaled columns
-        before, after = torch.linalg.svdvals(scaled), torch.linalg.svdvals(newton_schulz(scaled))
+        before, after = torch.linalg.svdvals(scaled), torch.linalg.svdvals(newton_schulz(scaled, dtype=dtype))
         assert after.max() / after.min() < (before.max() / before.min()) / 3
+
+
+def test_muon_orthogonalises_in_bf16_only_where_the_run_computes_in_bf16() -> None:
+    """bf16 matmuls are emulated on CPUs without native kernels (20x slower there for these matrices)."""
+    groups = lambda: param_groups(torch.nn.Conv2d(3, 4, 3), 0.1, 0.0, filter_lr=0.1)  # noqa: E731
+    assert build_optimizer("muon", groups(), 0.85, torch.bfloat16).dtype == torch.bfloat16
+    assert build_optimizer("muon", groups(), 0.85, None).dtype == torch.float32
+    assert build_optimizer("muon", groups(), 0.85, torch.float16).dtype == torch.float32
 
 
 def test_the_groups_that_are_not_filters_step_exactly_as_torch_sgd() -> None:
