@@ -1,6 +1,6 @@
 """Where a whole command's seconds go: runs it, and prints each line of its output with the seconds
-since the start, then the exit. Start-up is the time to the first line, drawing the time from the
-final line to the exit.
+since the start, then the exit. Start-up is the time to the first line, writing the results the time
+from the final line to the exit.
 
     python benchmarks/timeline.py cifarlab train --recipe fast75
     python benchmarks/timeline.py python -m cifarlab train --recipe fast94 --device cuda --data ...

@@ -102,7 +102,8 @@ def test_the_plan_is_revised_as_the_steps_slow_down(images: Path, tmp_path: Path
     assert len(plans) >= 2 and plans[-1] < plans[0] < 108  # revised down within the first epoch
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + the one epoch
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["time_budget"]["steps"] == plans[-1] and summary["time_budget"]["used_seconds"] <= 3 + 1.0
+    assert summary["time_budget"]["steps"] == plans[-1]
+    assert summary["time_budget"]["used_seconds"] <= 3 + 2.0  # noisy machines: the same margin as above
 
 
 def test_a_budgeted_run_stopped_after_its_plan_resumes_to_the_planned_step(images: Path, tmp_path: Path,
