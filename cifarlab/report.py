@@ -20,8 +20,8 @@ from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import EVAL_VIEWS, run_images
 from cifarlab.plots import draw_curves, draw_generalisation_gap
 from cifarlab.records import EpochRecord, History
-from cifarlab.rundir import (CONFIG_FILE, EVAL_DIR, EVAL_JSON, METRIC_COLUMNS, METRICS_FILE, REPORT_FILE, SUMMARY_FILE, read_metrics,
-                             write_text)
+from cifarlab.rundir import (CONFIG_FILE, EVAL_DIR, EVAL_JSON, METRIC_COLUMNS, METRICS_FILE, REPORT_FILE, SUMMARY_FILE,
+                             read_metrics, write_text)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 

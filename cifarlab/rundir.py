@@ -340,7 +340,6 @@ def read_metrics(path: Path) -> list[dict[str, float | None]]:
     return rows
 
 
-
 # --- the summary -----------------------------------------------------------------------------------
 
 def versions() -> dict:

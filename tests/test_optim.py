@@ -113,7 +113,8 @@ def test_a_muon_run_imports_neither_torch_dynamo_nor_matplotlib(tmp_path) -> Non
     args = ["train", "--data", str(tmp_path / "images"), "--recipe", "fast75", "--batch-size", "8",
             "--val-split", "4", "--epochs", "2", "--precision", "fp32", "--no-channels-last",
             "--out", str(tmp_path / "run")]
-    code = f"import sys; from cifarlab.cli import main; main({args!r}); print([m in sys.modules for m in ('torch._dynamo', 'matplotlib')])"
+    code = (f"import sys; from cifarlab.cli import main; main({args!r}); "
+            f"print([m in sys.modules for m in ('torch._dynamo', 'matplotlib')])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == "[False, False]"
