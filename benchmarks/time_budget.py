@@ -41,6 +41,7 @@ def run_once(name: str, budget: float, out: Path) -> dict:
 
 def draw(rows: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     ax = figure.subplots()
@@ -49,9 +50,9 @@ def draw(rows: list[dict], path: Path) -> None:
         ax.plot([r["budget"] for r in mine], [100 * r["accuracy"] for r in mine], marker="o", label=name)
     ax.axhline(75, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter
-
-    ax.xaxis.set_minor_formatter(NullFormatter())  # only the budgets are labelled    ax.set_xticks(sorted({r["budget"] for r in rows}), [f"{r:g}" for r in sorted({r["budget"] for r in rows})])
+    budgets = sorted({r["budget"] for r in rows})
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.xaxis.set_minor_formatter(NullFormatter())  # only the budgets are labelled
     ax.set_xlabel("--time-budget (s): training + final evaluation")
     ax.set_ylabel("validation accuracy (%), 5,000 held out")
     ax.set_title("Best model in a time budget", fontsize=11)
