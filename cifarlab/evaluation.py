@@ -66,8 +66,12 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
 def _run_source(config: dict, data: str | None, dataset: str | None, image_size: int) -> DataBundle:
     """The run's own source (left out, or named again) split exactly as in training; another source
     evaluated whole (or on its test split)."""
+    # the same file however it is spelled (config.json keeps the absolute path as typed, `..` and links
+    # included): compared as spelled, `/work/shared/x` was another source than `/work/main/../shared/x`, and
+    # the run was evaluated on all its training images
     own_source = ((data is None and dataset is None) or (dataset is not None and dataset == config.get("dataset"))
-                  or (data is not None and str(Path(data).expanduser().absolute()) == config.get("data")))
+                  or (data is not None and config.get("data") is not None
+                      and Path(data).expanduser().resolve() == Path(config["data"]).resolve()))
     if own_source:
         data, dataset = config.get("data"), config.get("dataset")
     return load_data(data, dataset, config.get("val_split") if own_source else 0, config.get("seed", 0), image_size)

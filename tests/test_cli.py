@@ -102,6 +102,28 @@ def test_a_relative_data_path_is_recorded_absolute(image_root: Path, tmp_path: P
     assert json.loads(capsys.readouterr().out)["n"] == 12
 
 
+@pytest.mark.parametrize("spelling", ["dotdot", "symlink"])
+def test_eval_knows_the_runs_own_source_however_it_is_spelled(spelling: str, image_root: Path, tmp_path: Path,
+                                                              monkeypatch, capsys) -> None:
+    """The run was trained from `other/../images` (config.json keeps that spelling) and is evaluated from
+    the plain path, or through a link: the same file, so the same 12 held-out images, not all 60 (which
+    it mostly trained on: a higher, meaningless accuracy)."""
+    (tmp_path / "other").mkdir()
+    trained_from = tmp_path / "other" / ".." / "images"
+    named = image_root
+    if spelling == "symlink":
+        named = tmp_path / "link"
+        named.symlink_to(image_root, target_is_directory=True)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(trained_from), *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(named), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["split"], result["n"]) == ("val", 12)
+    assert result["accuracy"] == pytest.approx(summary["accuracy"], abs=1e-9)
+
+
 def test_eval_text_output_lists_every_class(image_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     main(["train", "--data", str(image_root), *TINY, "--epochs", "1", "--out", str(out)])
