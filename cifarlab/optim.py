@@ -4,6 +4,7 @@ They take plain values, not the config, so the config can list these tables' nam
 without an import cycle."""
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -90,18 +91,31 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
 
 
+def without_compile_wrapper(optimizer: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """A torch optimizer whose `step` skips the wrapper torch puts around it for torch.compile, which
+    imports torch._dynamo on the first step: 1 s of CPU where Python has its bytecode cached, 5 s on a
+    fresh GPU machine that compiles it from source (a third of a fast94 command). cifarlab never
+    compiles a step (`--compile` compiles the model), and outside compiled code the wrapper only turns
+    gradients off around the step: the same update, bit for bit (tests/test_optim.py)."""
+    step = inspect.unwrap(optimizer.step)
+
+    @torch.no_grad()
+    def plain_step(self: torch.optim.Optimizer, closure: Callable | None = None):
+        return step(self, closure)
+
+    return type(optimizer.__name__, (optimizer,), {"step": plain_step, "__doc__": optimizer.__doc__})
+
+
+SGD, Adam, AdamW = (without_compile_wrapper(o) for o in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW))
+
 # name -> builder(parameter groups, momentum, the run's autocast dtype or None); each group carries its
 # own lr and weight decay
 OPTIMIZERS: dict[str, Callable[[list[dict], float, torch.dtype | None], torch.optim.Optimizer]] = {
-    "adam": lambda groups, momentum, dtype: torch.optim.Adam(groups),
-    "adamw": lambda groups, momentum, dtype: torch.optim.AdamW(groups),
-    "sgd": lambda groups, momentum, dtype: torch.optim.SGD(groups, momentum=momentum, nesterov=momentum > 0),
+    "adam": lambda groups, momentum, dtype: Adam(groups),
+    "adamw": lambda groups, momentum, dtype: AdamW(groups),
+    "sgd": lambda groups, momentum, dtype: SGD(groups, momentum=momentum, nesterov=momentum > 0),
     "muon": Muon,  # the filters' group from param_groups(..., filter_lr=--muon-lr)
 }
-
-
-# torch's own optimizers import torch._dynamo (about 1 s of CPU) in their first step; Muon's step is ours
-STEP_IMPORTS_DYNAMO = {"adam", "adamw", "sgd"}
 
 
 def build_optimizer(name: str, groups: list[dict], momentum: float = 0.9,

@@ -31,7 +31,6 @@ from cifarlab.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_
 from cifarlab.engine import evaluate, train_step
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import write_eval_views
-from cifarlab.optim import STEP_IMPORTS_DYNAMO
 from cifarlab.progress import EpochProgress
 from cifarlab.records import EpochRecord, EpochSums, EvalResult, History
 from cifarlab.resume import Checkpointer, Start, StopSignals, open_checkpoint, restore
@@ -117,8 +116,9 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
                         and sums.batches < steps_per_epoch:
                     break  # a fraction of --epochs, --max-steps or a time budget's plan ends part-way through
             last_epoch = epoch == epoch_count(config, steps_per_epoch)
+            evaluates = last_epoch or (config.eval_each_epoch and not config.time_budget)
             last_eval = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype)
-                         if run.eval_loader is not None and (last_epoch or not config.time_budget) else None)
+                         if run.eval_loader is not None and evaluates else None)
             record = _epoch_record(epoch, sums, last_eval, time.perf_counter() - started, runtime)
             progress.end_epoch(record)
             history.records.append(record)
@@ -171,7 +171,7 @@ def open_session(config: TrainConfig, out: str | None, tensorboard: bool, resume
         run_dir, state = _open_checkpoint(resume, stack)
         config = TrainConfig.from_dict(state["config"])
     config = config.validate()
-    if config.optimizer in STEP_IMPORTS_DYNAMO or config.compile:
+    if config.compile:
         # torch._dynamo will be imported at the first step (about 1 s): start that import now, in a thread,
         # so it runs while the data loads (the GIL is mostly free there) instead of after
         threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-imports").start()

@@ -79,6 +79,17 @@ def test_compile_trains_the_same_network_and_saves_plain_weights(image_root: Pat
     assert run_cli("eval", str(compiled), "--json").returncode == 0
 
 
+def test_without_eval_each_epoch_only_the_last_epoch_is_evaluated(image_root: Path, tmp_path: Path) -> None:
+    """--no-eval-each-epoch (fast94's default): the held-out split is scored after the last epoch only,
+    which still gives the run its accuracy; the other epochs' validation cells stay empty."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(image_root), *TINY, "--epochs", "3", "--no-eval-each-epoch",
+                 "--out", str(run)]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [bool(r["val_acc"]) for r in rows] == [False, False, True]
+    assert json.loads((run / "summary.json").read_text())["accuracy"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-6)
+
+
 def test_official_format_evaluates_on_its_test_split(tmp_path: Path, cifar10_tar_gz, capsys) -> None:
     archive, data = cifar10_tar_gz
     out = tmp_path / "run"
@@ -173,6 +184,7 @@ def test_default_run_folders_are_new_each_time(image_root: Path, tmp_path: Path)
     (["train", "--data", "IMAGES", "--recipe", "sed"], "unknown recipe 'sed' (did you mean seed?)"),
     (["train", "--data", "IMAGES", "--model", "cifar_cnn"], "unknown model 'cifar_cnn' (did you mean cifar10_cnn?)"),
     (["eval", "no/such/run"], "no/such/run: no such run folder or checkpoint"),
+    (["train", "--data", "IMAGES", "--cuda-graph", "--compile"], "--cuda-graph True: choose it or --compile, not both"),
 ])
 def test_bad_input_is_one_line_and_status_2(args: list[str], message: str, image_root: Path, tmp_path: Path) -> None:
     args = [str(image_root) if a == "IMAGES" else a for a in args]
@@ -203,16 +215,17 @@ def test_a_training_step_is_three_cifarlab_frames_below_the_command(image_root: 
     import inspect
 
     import cifarlab
+    from cifarlab.optim import Adam
 
     package = str(Path(cifarlab.__file__).parent)
     stacks = []
-    real_step = torch.optim.Adam.step
+    real_step = Adam.step
 
     def spy(self, *args, **kwargs):
         stacks.append([f.function for f in inspect.stack() if f.filename.startswith(package)])
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    monkeypatch.setattr(Adam, "step", spy)
     assert main(["train", "--data", str(image_root), *TINY, "--out", str(tmp_path / "run")]) == 0
     training = [stack for stack in stacks if "train_epochs" in stack]  # not the layout/precision timing steps
     assert training

@@ -1,4 +1,7 @@
-"""Muon: its orthogonalisation, its SGD half against torch's SGD, and a network it trains; the schedules."""
+"""Muon: its orthogonalisation, its SGD half against torch's SGD, and a network it trains; torch's
+optimizers without their compile wrapper; the schedules."""
+import copy
+
 import pytest
 import torch
 
@@ -100,17 +103,40 @@ def test_bias_decay_shrinks_biases_per_step_as_much_as_weights() -> None:
         assert model.bias[0].item() == pytest.approx(bias_shrink)
 
 
-def test_a_muon_run_imports_neither_torch_dynamo_nor_matplotlib(tmp_path) -> None:
-    """Importing torch._dynamo costs about 1 s of a 20 s fast75 run: building Muon, its steps, zero_grad
-    and the checkpoints' state dicts must not need it (torch.optim's wrappers import it on first use).
-    Nor does `train` draw: matplotlib and the curves took 0.7 s; `report` draws them."""
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_torchs_optimizers_step_exactly_as_torch_does_without_importing_dynamo(name: str) -> None:
+    """cifarlab's SGD/Adam/AdamW are torch's without the torch.compile wrapper around `step`: the same
+    parameters after a few steps, bit for bit."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    theirs = copy.deepcopy(ours)
+    reference = {"sgd": lambda groups: torch.optim.SGD(groups, momentum=0.85, nesterov=True),
+                 "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    pairs = [(ours, build_optimizer(name, param_groups(ours, 0.1, 5e-4, 64), 0.85)),
+             (theirs, reference(param_groups(theirs, 0.1, 5e-4, 64)))]
+    for _ in range(3):
+        x = torch.randn(16, 4)
+        for model, optimizer in pairs:
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    assert isinstance(pairs[0][1], type(pairs[1][1]))
+
+
+@pytest.mark.parametrize("recipe", ["fast75", "fast94", "seed"])  # Muon, SGD, Adam
+def test_a_run_imports_neither_torch_dynamo_nor_matplotlib(recipe: str, tmp_path) -> None:
+    """Importing torch._dynamo costs about 1 s of a 20 s fast75 run (5 s of a fast94 command on a fresh
+    GPU machine): building the optimizer, its steps, zero_grad and the checkpoints' state dicts must not
+    need it (torch.optim's wrappers import it on first use). Nor does `train` draw: matplotlib and the
+    curves took 0.7 s; `report` draws them."""
     import subprocess
     import sys
 
     from conftest import write_image_folders
 
     write_image_folders(tmp_path / "images", {"cat": 10, "dog": 10})
-    args = ["train", "--data", str(tmp_path / "images"), "--recipe", "fast75", "--batch-size", "8",
+    args = ["train", "--data", str(tmp_path / "images"), "--recipe", recipe, "--batch-size", "8",
             "--val-split", "4", "--epochs", "2", "--precision", "fp32", "--no-channels-last",
             "--out", str(tmp_path / "run")]
     code = (f"import sys; from cifarlab.cli import main; main({args!r}); "
