@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cifarlab.data import cache as cache_module
+from cifarlab.data import sources
 from cifarlab.data.cache import load_splits, source_key
 from cifarlab.data.sources import read_source, safe_unpickle
 from cifarlab.data.splits import DEFAULT_VAL_SPLIT, load_data, stratified_split
@@ -199,6 +200,22 @@ def test_jpeg_images(tmp_path, image_folder_writer) -> None:
     decoded = splits.train.images.float()
     distance = (decoded[:, None] - torch.from_numpy(images).float()[None]).abs().mean(dim=(2, 3, 4))
     assert torch.equal(distance.argmin(dim=1), torch.arange(4))
+
+
+def test_many_images_are_decoded_by_workers_into_the_same_tensors(tmp_path, image_folder_writer, monkeypatch) -> None:
+    """Above PARALLEL_DECODE_MIN images, forked workers decode chunks of them: the same images in the
+    same order as one process, and a broken file raises the same error, naming it."""
+    root = tmp_path / "root"
+    image_folder_writer(root, {"a": 5, "b": 6, "c": 4}, fmt="jpg")
+    alone = read_source(root)
+    monkeypatch.setattr(sources, "PARALLEL_DECODE_MIN", 1)
+    monkeypatch.setattr(sources, "DECODE_CHUNK", 4)  # 4 chunks, one of them short
+    monkeypatch.setattr(sources.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    together = read_source(root)
+    assert torch.equal(together.train.images, alone.train.images)
+    assert torch.equal(together.train.labels, alone.train.labels) and together.train.classes == alone.train.classes
+    (root / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    _raises_naming(root, "b/broken.jpg")
 
 
 def test_other_sizes_and_modes_are_converted_with_a_note(tmp_path, image_folder_writer) -> None:
