@@ -14,6 +14,9 @@
 #   alt94, look94, tri94, bias94, freeze94, like94 (90 each)  fast94 with one of airbench94's settings
 #                 it lacks, 5 seeds (our side only): --alternate-flip, --lookahead, --schedule triangle,
 #                 --bias-decay, --whiten-bias-epochs 3; like94 all five
+#   graph94 (90)  fast94 --cuda-graph, 5 seeds (our side only)
+#   sweep94(240)  the five airbench settings above as a half-factorial sweep, 16 configurations x 3 seeds,
+#                 4 runs at a time (benchmarks/sweep.py): each one's main effect over 24 against 24 runs
 #   96     (200)  fast96 against airbench96, 1 seed each
 #   resnet (100)  seconds per epoch of resnet56 and resnet18 at batch 128 and 512
 #   timeline(40)  fast94 once, each output line stamped (benchmarks/timeline.py): where the whole
@@ -24,10 +27,12 @@
 #
 # Carry a folder `gpu/` (listed in .git/info/exclude) made here first:
 #   mkdir -p gpu && cp ../shared/data/cifar10-jpeg-train.tar.gz gpu/ && pip wheel --no-deps airbench -w gpu/
-# Results go to $OUT (the device tool's output folder), or /tmp/gpu-out.
+# Results go to $OUT (the device tool's output folder), or /tmp/gpu-out. FLAGS94 (e.g. --cuda-graph): extra
+# flags of the timeline and profile94 steps.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${BUDGET:-540}
+FLAGS94=${FLAGS94:-}
 DATA=gpu/cifar10-jpeg-train.tar.gz
 STARTED=$(date +%s)
 mkdir -p "$OUT"
@@ -66,7 +71,7 @@ variant94() {  # variant94 NAME FLAGS...: fast94 with FLAGS, 5 seeds
   step "$name" 90 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 --side cifarlab "$@"
 }
 
-export DATA
+export DATA FLAGS94
 export -f timed fast94  # step runs its command in a child bash, under timeout
 # No pip needed: scripts under benchmarks/ import the package from this checkout, and airbench (pure
 # Python) straight from its wheel; the device's Python has torch, pytest and the rest.
@@ -80,8 +85,9 @@ for name in "$@"; do
     cold) step cold 60 timed "fast94, fresh data cache" fast94 /tmp/fast94-cold
           cat /tmp/fast94-cold/metrics.csv >> "$OUT/cold.txt" ;;  # the first epoch against the rest
     timeline) step timeline 40 python benchmarks/timeline.py python -m cifarlab train --data "$DATA" \
-                --recipe fast94 --device cuda --out /tmp/fast94-timeline ;;
-    profile94) step profile94 40 python benchmarks/profile_epoch.py --data "$DATA" --recipe fast94 --steps 60 ;;
+                --recipe fast94 --device cuda --out /tmp/fast94-timeline $FLAGS94 ;;
+    profile94) step profile94 40 python benchmarks/profile_epoch.py --data "$DATA" --recipe fast94 --steps 60 \
+                 $FLAGS94 ;;
     94) step 94 200 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 ;;
     airbench) for target_runs in 94:5 95:3 96:1; do  # the anchors alone, beside a call that ran our side
                 step airbench 50 python benchmarks/vs_airbench.py --data "$DATA" --target "${target_runs%:*}" \
@@ -98,6 +104,10 @@ for name in "$@"; do
     tri94) variant94 tri94 --schedule triangle ;;
     bias94) variant94 bias94 --bias-decay ;;
     freeze94) variant94 freeze94 --whiten-bias-epochs 3 ;;
+    graph94) variant94 graph94 --cuda-graph ;;
+    sweep94) step sweep94 240 python benchmarks/sweep.py --data "$DATA" --recipe fast94 --device cuda --seeds 3 \
+               --workers 4 --half --option=--alternate-flip --option=--lookahead --option="--schedule triangle" \
+               --option=--bias-decay --option="--whiten-bias-epochs 3" ;;
     like94) variant94 like94 --alternate-flip --lookahead --schedule triangle --bias-decay --whiten-bias-epochs 3 ;;
     96) step 96 200 python benchmarks/vs_airbench.py --data "$DATA" --target 96 --runs 1 ;;
     resnet) for recipe in resnet56 resnet18; do

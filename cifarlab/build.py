@@ -46,7 +46,7 @@ def resolve_runtime(config: TrainConfig, bundle: DataBundle, device: torch.devic
     config, note = resolve_auto(config, device, len(bundle.classes))
     config = broadcast_object(config)
     if device.type == "cuda":  # shapes are fixed within a run: let cuDNN time its algorithms once and keep the best
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
     if note:
         print(note)
     return config, Runtime(device, autocast_dtype(device, config.precision), dist)
@@ -90,6 +90,8 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     ema = WeightEMA(model, config.ema) if config.ema else None
     lookahead = Lookahead(model, total_steps(config, len(train_loader))) if config.lookahead else None
     trained = compiled(wrap_distributed(model, config, runtime), config.compile)
+    graph_batch = config.batch_size if train_loader.drop_last else len(bundle.train)  # every step's size
+    trained = graphed(trained, config, runtime, graph_batch)
     step = Step(trained, optimizer, runtime.device, scheduler=scheduler, ema=ema, lookahead=lookahead,
                 amp_dtype=runtime.amp_dtype, label_smoothing=config.label_smoothing, clip_grad=config.clip_grad)
     info = ModelInfo(config.model, model_args, bundle.classes, *stats, config.image_size, config.to_dict())
@@ -173,6 +175,43 @@ def compiled(model: nn.Module, compile_model: bool) -> nn.Module:
         return model
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     return torch.compile(model)
+
+
+def graphed(model: nn.Module, config: TrainConfig, runtime: Runtime, batch: int) -> nn.Module:
+    """`model` whose training-mode forward and backward replay CUDA graphs recorded once (--cuda-graph).
+
+    A small net's eager step costs the host more than the GPU (about 20 us of Python and dispatch per
+    kernel, hundreds of kernels); a replay is one launch. Every step has one shape (the training loader
+    drops its last partial batch), so one recording serves the run. In eval mode the module runs its
+    eager forward (torch switches on `training`), so evaluation and the saved weights are unchanged.
+    Recording runs three warm-up passes (cuDNN picks its algorithms there) whose BatchNorm statistics
+    are put back afterwards: the run trains from the state it was built with. Parameters are updated in
+    place (the optimizer, lookahead), so the graphs keep reading the current weights; a parameter frozen
+    later (--whiten-bias-epochs) just stops receiving its gradient. Recording comes before the training
+    clock starts (as airbench's warm-up run does), so `train_seconds` counts steps, not cuDNN's autotuning."""
+    if not config.cuda_graph or runtime.device.type != "cuda":
+        return model
+    if runtime.dist.enabled:  # a recipe's default: the same command runs under torchrun, eagerly
+        print("--cuda-graph: not under torchrun (DDP's gradient hooks run outside a recorded graph): eager steps")
+        return model
+    saved = [buffer.clone() for buffer in model.buffers()]
+    sample = torch.randn(batch, 3, config.image_size, config.image_size, device=runtime.device)
+    model.train()
+    # autocast's weight cache would keep casts made while recording, stale once the weights change
+    with torch.autocast("cuda", dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None,
+                        cache_enabled=False):
+        model = torch.cuda.make_graphed_callables(model, (sample,))
+        model.eval()  # and the evaluation's batch once, so cuDNN picks its algorithms here too, not in epoch 1
+        with torch.no_grad():
+            model(sample[:config.eval_batch_size])
+        model.train()
+    with torch.no_grad():
+        torch._foreach_copy_(list(model.buffers()), saved)
+    # the parameters' gradient accumulators were made on the recording's side stream and stay alive with
+    # the recorded graph: each replay's backward then warns that the streams differ (an ordering event on
+    # the GPU, no host sync: tests/test_gpu.py)
+    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+    return model
 
 
 def wrap_distributed(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:

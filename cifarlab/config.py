@@ -105,6 +105,8 @@ class TrainConfig:
                                     "themselves that tightens towards the end")
     whiten_bias_epochs: int = option(0, "fast_net: train the whitening stem's bias for this many epochs, then "
                                      "freeze it (airbench: 3); 0 trains it throughout", at_least(0))
+    eval_each_epoch: bool = option(True, "evaluate on the held-out split after every epoch (the validation "
+                                   "curves); off: after the last one only (fast94, as airbench times itself)")
     ema: float = option(0.0, "evaluate and save an exponential moving average of the weights with this decay "
                       "(e.g. 0.999); 0 turns it off", in_unit())
     # machinery
@@ -119,6 +121,13 @@ class TrainConfig:
                                         "unset, whichever trains faster here (measured once, like precision)")
     compile: bool = option(False, "torch.compile the training model (inductor): faster steps after a compile "
                            "of tens of seconds on first use (cached in the cache folder for later runs)")
+    cuda_graph: bool = option(False, "on CUDA: record the model's training forward and backward once as CUDA "
+                              "graphs and replay them every step (one launch where eager mode makes hundreds: "
+                              "for small nets whose steps wait on the host); no effect on a CPU; one process (under "
+                              "torchrun the steps run eagerly)",
+                              (lambda v, c: not (v and c.compile), "choose it or --compile, not both"))
+    cudnn_benchmark: bool = option(True, "on CUDA: let cuDNN time its algorithms for each new shape and keep the "
+                                   "fastest (faster steps after a first use that costs seconds)")
     tta: int = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px "
                     "shifts", choices=(0, 1, 2))
     gpu_memory_fraction: float | None = option(None, "cap this process's share of the GPU's memory, in (0, 1], "
@@ -183,11 +192,16 @@ RECIPES: dict[str, TrainConfig] = {
     # is lr = 11.5 * batch / (1024 * (1 + 1 / 0.15)) = 0.001465 * batch, weight decay 0.0153 per 1024
     # images (torch's coupled weight_decay 0.0153 / 11.5), 64x the lr for BatchNorm shifts, label
     # smoothing 0.2, a 23% warm-up then linear decay, 2-px translations, flips, and 6-view test-time
-    # augmentation. On a GPU its epochs take a third of a second: it checkpoints every 30 s, not every epoch.
+    # augmentation. fast94 adds airbench's lookahead and alternating flips (+0.35 and +0.16 points in a
+    # 48-run factorial sweep on one H200; its triangle schedule lost 0.25, bias decay and freezing the
+    # whitening bias after 3 epochs were neutral: docs/speed.md) and replays its steps from CUDA graphs
+    # (0.21 s an epoch against 0.26 eager). Its epochs take a fifth of a second: it checkpoints every
+    # 30 s, not every epoch.
     "fast94": TrainConfig(
         recipe="fast94", model="fast_net", model_args={"widths": [64, 256, 256]}, epochs=10, batch_size=1024,
         optimizer="sgd", lr=0.001465 * 1024, momentum=0.85, weight_decay=0.0153 / 11.5, bias_lr_scale=64,
         label_smoothing=0.2, schedule="onecycle", warmup_epochs=2.3, tta=2, checkpoint_seconds=30,
+        alternate_flip=True, lookahead=True, cuda_graph=True, eval_each_epoch=False,
     ),
     # airbench95 and airbench96 on our pipeline: the same method, wider, longer, with lookahead as they
     # use it (the lr and weight decay by the formulas above from their 10.0 and 9.0 per 1024 images).
