@@ -11,12 +11,12 @@
 #   compile(150)  fast94 --compile, cold then warm inductor cache, whole command timed
 #   95     (150)  fast95 against airbench95, 3 seeds each
 #   muon    (90)  fast94 with --optimizer muon at airbench94_muon's 8 epochs, 5 seeds (our side only)
-#   alt94, look94, tri94, bias94, freeze94, like94 (90 each)  fast94 with one of airbench94's settings
-#                 it lacks, 5 seeds (our side only): --alternate-flip, --lookahead, --schedule triangle,
-#                 --bias-decay, --whiten-bias-epochs 3; like94 all five
-#   graph94 (90)  fast94 --cuda-graph, 5 seeds (our side only)
-#   sweep94(240)  the five airbench settings above as a half-factorial sweep, 16 configurations x 3 seeds,
-#                 4 runs at a time (benchmarks/sweep.py): each one's main effect over 24 against 24 runs
+#   eager94 (90)  fast94 as it was before 2026-11-28 (eager steps, every epoch evaluated, no lookahead
+#                 or alternating flips), 5 seeds (our side only): the baseline of the changes since
+#   sweep94(240)  airbench94's five settings fast94 lacked (--alternate-flip, --lookahead, --schedule
+#                 triangle, --bias-decay, --whiten-bias-epochs 3) on that baseline, as a half-factorial
+#                 sweep, 16 configurations x 3 seeds, 4 runs at a time (benchmarks/sweep.py): each
+#                 one's main effect over 24 against 24 runs (docs/speed.md has the 2026-11-28 result)
 #   96     (200)  fast96 against airbench96, 1 seed each
 #   resnet (100)  seconds per epoch of resnet56 and resnet18 at batch 128 and 512
 #   timeline(40)  fast94 once, each output line stamped (benchmarks/timeline.py): where the whole
@@ -27,7 +27,7 @@
 #
 # Carry a folder `gpu/` (listed in .git/info/exclude) made here first:
 #   mkdir -p gpu && cp ../shared/data/cifar10-jpeg-train.tar.gz gpu/ && pip wheel --no-deps airbench -w gpu/
-# Results go to $OUT (the device tool's output folder), or /tmp/gpu-out. FLAGS94 (e.g. --cuda-graph): extra
+# Results go to $OUT (the device tool's output folder), or /tmp/gpu-out. FLAGS94 (e.g. --eval-each-epoch): extra
 # flags of the timeline and profile94 steps.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -71,6 +71,8 @@ variant94() {  # variant94 NAME FLAGS...: fast94 with FLAGS, 5 seeds
   step "$name" 90 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 --side cifarlab "$@"
 }
 
+# fast94's settings before 2026-11-28, the baseline of eager94 and sweep94
+EAGER94="--no-cuda-graph --eval-each-epoch --no-lookahead --no-alternate-flip"
 export DATA FLAGS94
 export -f timed fast94  # step runs its command in a child bash, under timeout
 # No pip needed: scripts under benchmarks/ import the package from this checkout, and airbench (pure
@@ -94,21 +96,17 @@ for name in "$@"; do
                   --runs "${target_runs#*:}" --side airbench
               done ;;
     ours94) step ours94 60 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 3 --side cifarlab ;;
-    compile) step compile 150 timed "fast94 --compile, cold inductor cache" fast94 /tmp/compile-cold --compile
-             step compile 40 timed "fast94 --compile, warm inductor cache" fast94 /tmp/compile-warm --compile ;;
+    compile) step compile 150 timed "fast94 --compile, cold inductor cache" fast94 /tmp/compile-cold --compile \
+               --no-cuda-graph
+             step compile 40 timed "fast94 --compile, warm inductor cache" fast94 /tmp/compile-warm --compile \
+               --no-cuda-graph ;;
     95) step 95 150 python benchmarks/vs_airbench.py --data "$DATA" --target 95 --runs 3 ;;
     muon) step muon 90 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 --side cifarlab \
             --optimizer muon --epochs 8 ;;
-    alt94) variant94 alt94 --alternate-flip ;;
-    look94) variant94 look94 --lookahead ;;
-    tri94) variant94 tri94 --schedule triangle ;;
-    bias94) variant94 bias94 --bias-decay ;;
-    freeze94) variant94 freeze94 --whiten-bias-epochs 3 ;;
-    graph94) variant94 graph94 --cuda-graph ;;
+    eager94) variant94 eager94 $EAGER94 ;;
     sweep94) step sweep94 240 python benchmarks/sweep.py --data "$DATA" --recipe fast94 --device cuda --seeds 3 \
-               --workers 4 --half --option=--alternate-flip --option=--lookahead --option="--schedule triangle" \
-               --option=--bias-decay --option="--whiten-bias-epochs 3" ;;
-    like94) variant94 like94 --alternate-flip --lookahead --schedule triangle --bias-decay --whiten-bias-epochs 3 ;;
+               --workers 4 --half $EAGER94 --option=--alternate-flip --option=--lookahead \
+               --option="--schedule triangle" --option=--bias-decay --option="--whiten-bias-epochs 3" ;;
     96) step 96 200 python benchmarks/vs_airbench.py --data "$DATA" --target 96 --runs 1 ;;
     resnet) for recipe in resnet56 resnet18; do
               for batch in 128 512; do

@@ -125,7 +125,7 @@ class TrainConfig:
                               "graphs and replay them every step (one launch where eager mode makes hundreds: "
                               "for small nets whose steps wait on the host); no effect on a CPU; one process (under "
                               "torchrun the steps run eagerly)",
-                              (lambda v, c: not (v and c.compile), "choose it or --compile, not both"))
+                              (lambda v, c: not (v and c.compile), "with --compile add --no-cuda-graph"))
     cudnn_benchmark: bool = option(True, "on CUDA: let cuDNN time its algorithms for each new shape and keep the "
                                    "fastest (faster steps after a first use that costs seconds)")
     tta: int = option(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px "
@@ -194,9 +194,9 @@ RECIPES: dict[str, TrainConfig] = {
     # smoothing 0.2, a 23% warm-up then linear decay, 2-px translations, flips, and 6-view test-time
     # augmentation. fast94 adds airbench's lookahead and alternating flips (+0.35 and +0.16 points in a
     # 48-run factorial sweep on one H200; its triangle schedule lost 0.25, bias decay and freezing the
-    # whitening bias after 3 epochs were neutral: docs/speed.md) and replays its steps from CUDA graphs
-    # (0.21 s an epoch against 0.26 eager). Its epochs take a fifth of a second: it checkpoints every
-    # 30 s, not every epoch.
+    # whitening bias after 3 epochs were neutral: docs/speed.md), replays its steps from CUDA graphs
+    # (0.21 s an epoch against 0.26 eager) and evaluates after its last epoch only (0.16 s an epoch; as
+    # airbench times itself). Its epochs take a sixth of a second: it checkpoints every 30 s, not every epoch.
     "fast94": TrainConfig(
         recipe="fast94", model="fast_net", model_args={"widths": [64, 256, 256]}, epochs=10, batch_size=1024,
         optimizer="sgd", lr=0.001465 * 1024, momentum=0.85, weight_decay=0.0153 / 11.5, bias_lr_scale=64,

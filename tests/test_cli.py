@@ -87,7 +87,8 @@ def test_without_eval_each_epoch_only_the_last_epoch_is_evaluated(image_root: Pa
                  "--out", str(run)]) == 0
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [bool(r["val_acc"]) for r in rows] == [False, False, True]
-    assert json.loads((run / "summary.json").read_text())["accuracy"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-6)
+    accuracy = json.loads((run / "summary.json").read_text())["accuracy"]
+    assert accuracy == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-6)
 
 
 def test_official_format_evaluates_on_its_test_split(tmp_path: Path, cifar10_tar_gz, capsys) -> None:
@@ -184,7 +185,8 @@ def test_default_run_folders_are_new_each_time(image_root: Path, tmp_path: Path)
     (["train", "--data", "IMAGES", "--recipe", "sed"], "unknown recipe 'sed' (did you mean seed?)"),
     (["train", "--data", "IMAGES", "--model", "cifar_cnn"], "unknown model 'cifar_cnn' (did you mean cifar10_cnn?)"),
     (["eval", "no/such/run"], "no/such/run: no such run folder or checkpoint"),
-    (["train", "--data", "IMAGES", "--cuda-graph", "--compile"], "--cuda-graph True: choose it or --compile, not both"),
+    (["train", "--data", "IMAGES", "--cuda-graph", "--compile"],
+     "--cuda-graph True: with --compile add --no-cuda-graph"),
 ])
 def test_bad_input_is_one_line_and_status_2(args: list[str], message: str, image_root: Path, tmp_path: Path) -> None:
     args = [str(image_root) if a == "IMAGES" else a for a in args]
