@@ -224,14 +224,15 @@ RECIPES: dict[str, TrainConfig] = {
     # Muon for the conv filters (airbench94_muon's update, at lr 0.15), which gets in 2 epochs what SGD
     # needed 3 for, and the whitening bias frozen after epoch 1 (no stem backward in epoch 2, at no cost
     # in accuracy); flips but no translations (a run this short underfits: +0.45 points); 1.8125 epochs
-    # (160 steps: +0.56 points over 1.75 for 4% more steps); precision and layout measured per machine.
+    # (160 steps: +0.56 points over 1.75 for 4% more steps); precision and layout measured per machine;
+    # evaluated after its last epoch only (the one after epoch 1 cost 0.25 s of a 16 s command).
     # Chosen on the validation split (docs/speed.md has the tables).
     "fast75": TrainConfig(
         recipe="fast75", model="fast_net", model_args={"widths": [32, 64, 128], "whiten_stride": 2,
                                                        "activation": "relu"}, epochs=1.8125,
         batch_size=512, optimizer="muon", muon_lr=0.15, lr=0.001465 * 512, momentum=0.85,
         weight_decay=0.0153 / 11.5, bias_lr_scale=64, label_smoothing=0.2, schedule="onecycle",
-        warmup_epochs=0.46, tta=2, whiten_bias_epochs=1, translate=0,
+        warmup_epochs=0.46, tta=2, whiten_bias_epochs=1, translate=0, eval_each_epoch=False,
     ),
     # He et al. (2015) section 4.2 on a cosine schedule: SGD (Nesterov) 0.1, momentum 0.9, weight decay
     # 1e-4 on weights only, batch 128, 4-px translations and flips; the paper reports 93.0% on the test set.
@@ -253,7 +254,7 @@ RECIPES: dict[str, TrainConfig] = {
 # translations and for the whitening bias to train 2 epochs; 8 epochs without a budget.
 RECIPES["fast85"] = dataclasses.replace(
     RECIPES["fast75"], recipe="fast85", model_args={**RECIPES["fast75"].model_args, "whiten_stride": 1},
-    epochs=8, warmup_epochs=0.23 * 8, whiten_bias_epochs=2, translate=2,
+    epochs=8, warmup_epochs=0.23 * 8, whiten_bias_epochs=2, translate=2, eval_each_epoch=True,  # minutes: its curve
 )
 
 
