@@ -106,7 +106,7 @@ class TrainConfig:
     whiten_bias_epochs: int = option(0, "fast_net: train the whitening stem's bias for this many epochs, then "
                                      "freeze it (airbench: 3); 0 trains it throughout", at_least(0))
     eval_each_epoch: bool = option(True, "evaluate on the held-out split after every epoch (the validation "
-                                   "curves); off: after the last one only (fast94, as airbench times itself)")
+                                   "curves); off: after the last one only (fast75 and fast94: runs of seconds)")
     ema: float = option(0.0, "evaluate and save an exponential moving average of the weights with this decay "
                       "(e.g. 0.999); 0 turns it off", in_unit())
     # machinery
