@@ -28,7 +28,7 @@
 # Carry a folder `gpu/` (listed in .git/info/exclude) made here first:
 #   mkdir -p gpu && cp ../shared/data/cifar10-jpeg-train.tar.gz gpu/ && pip wheel --no-deps airbench -w gpu/
 # Results go to $OUT (the device tool's output folder), or /tmp/gpu-out. FLAGS94 (e.g. --eval-each-epoch): extra
-# flags of the timeline and profile94 steps.
+# flags of the timeline step.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 BUDGET=${BUDGET:-540}
@@ -88,8 +88,7 @@ for name in "$@"; do
           cat /tmp/fast94-cold/metrics.csv >> "$OUT/cold.txt" ;;  # the first epoch against the rest
     timeline) step timeline 40 python benchmarks/timeline.py python -m cifarlab train --data "$DATA" \
                 --recipe fast94 --device cuda --out /tmp/fast94-timeline $FLAGS94 ;;
-    profile94) step profile94 40 python benchmarks/profile_epoch.py --data "$DATA" --recipe fast94 --steps 60 \
-                 $FLAGS94 ;;
+    profile94) step profile94 40 python benchmarks/profile_epoch.py --data "$DATA" --recipe fast94 --steps 60 ;;
     94) step 94 200 python benchmarks/vs_airbench.py --data "$DATA" --target 94 --runs 5 ;;
     airbench) for target_runs in 94:5 95:3 96:1; do  # the anchors alone, beside a call that ran our side
                 step airbench 50 python benchmarks/vs_airbench.py --data "$DATA" --target "${target_runs%:*}" \

@@ -35,15 +35,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="training steps to time and profile")
     parser.add_argument("--precision", help="override the recipe's precision (auto, fp32, bf16, fp16)")
     parser.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    parser.add_argument("--cuda-graph", action="store_true", help="replay recorded CUDA graphs (`train --cuda-graph`)")
     args = parser.parse_args()
     config = recipe(args.recipe)
     if args.precision:
         config = dataclasses.replace(config, precision=args.precision)
     if args.batch_size:
         config = dataclasses.replace(config, batch_size=args.batch_size)
-    if args.cuda_graph:
-        config = dataclasses.replace(config, cuda_graph=True)
     bundle = load_data(args.data, val_split=config.val_split, seed=config.seed)
     config, runtime = local_runtime(config, bundle)  # precision and layout as `train` resolves them
     run = build_run(config, bundle, runtime)  # the same model, init, groups, schedule and step as `train`

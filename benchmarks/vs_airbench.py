@@ -79,7 +79,7 @@ def run_cifarlab(target: int, runs: int, data: str, val_split: int, workdir: Pat
         accuracy = summary["tta"]["accuracy"] if summary.get("tta") else summary["accuracy"]
         results.append({"accuracy": accuracy, "seconds": summary["train_seconds"] + summary.get("tta_seconds", 0.0),
                         "wall": wall})
-        epochs = [float(row["seconds"]) for row in csv.DictReader(open(out / "metrics.csv"))]
+        epochs = [float(row["seconds"]) for row in csv.DictReader((out / "metrics.csv").read_text().splitlines())]
         print(f"  fast{target} seed {seed}: {100 * accuracy:.2f}% in {results[-1]['seconds']:.2f}s "
               f"(whole command {wall:.1f}s; epoch 1 {epochs[0]:.2f}s, then {statistics.median(epochs[1:]):.3f}s "
               f"median, evaluation included)", flush=True)

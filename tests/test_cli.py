@@ -80,7 +80,7 @@ def test_compile_trains_the_same_network_and_saves_plain_weights(image_root: Pat
 
 
 def test_without_eval_each_epoch_only_the_last_epoch_is_evaluated(image_root: Path, tmp_path: Path) -> None:
-    """--no-eval-each-epoch (fast94's default): the held-out split is scored after the last epoch only,
+    """--no-eval-each-epoch (fast75's and fast94's default): the held-out split is scored after the last epoch only,
     which still gives the run its accuracy; the other epochs' validation cells stay empty."""
     run = tmp_path / "run"
     assert main(["train", "--data", str(image_root), *TINY, "--epochs", "3", "--no-eval-each-epoch",
