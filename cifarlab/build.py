@@ -81,7 +81,7 @@ def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = create_model(config.model, **model_args).to(runtime.device, memory_format=layout)
     data_dependent_init(model, bundle, runtime.device, stats, config.seed)
-    check_whiten_bias_freeze(model, config, runtime)
+    check_whiten_bias_freeze(model, config)
     train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
     groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale, filter_lr=config.filter_lr,
                           bias_decay=config.bias_decay)
@@ -146,25 +146,30 @@ def data_dependent_init(model: nn.Module, bundle: DataBundle, device: torch.devi
         init(images)
 
 
-def check_whiten_bias_freeze(model: nn.Module, config: TrainConfig, runtime: Runtime) -> None:
-    """--whiten-bias-epochs needs a whitening stem with a trained bias, and one process: DDP expects a
-    gradient for every parameter it was built with, so a bias frozen part-way would stall its reducer."""
+def check_whiten_bias_freeze(model: nn.Module, config: TrainConfig) -> None:
+    """--whiten-bias-epochs needs a whitening stem with a trained bias."""
     if not config.whiten_bias_epochs:
         return
     whiten = getattr(model, "whiten", None)
     if whiten is None or whiten.bias is None or not whiten.bias.requires_grad:
         raise CifarlabError(f"--whiten-bias-epochs: model '{config.model}' has no trained whitening bias "
                             f"(fast_net has one)")
-    if runtime.dist.enabled:
-        raise CifarlabError("--whiten-bias-epochs: not under torchrun (DDP needs every parameter's gradient "
-                            "in every step); drop it there")
 
 
-def freeze_whiten_bias(model: nn.Module, config: TrainConfig, epoch: int) -> None:
+def freeze_whiten_bias(run: Run, config: TrainConfig, runtime: Runtime, epoch: int) -> None:
     """airbench's whitening bias: trained in the first --whiten-bias-epochs epochs, then frozen. Called at
-    every epoch's start, so a resumed run freezes it too; the optimizer skips a parameter with no gradient."""
-    if config.whiten_bias_epochs and epoch > config.whiten_bias_epochs:
-        model.whiten.bias.requires_grad_(False)
+    every epoch's start, so a resumed run freezes it too.
+
+    Frozen by `requires_grad`, so autograd skips the stem's backward and the first conv's input
+    gradient (a tenth of fast75's step), and the optimizer skips a parameter with no gradient. DDP's
+    reducer expects a gradient for every parameter it was built with, so under torchrun every rank
+    builds its wrapper again, without the bias, at the same step: the ranks then train exactly as
+    one process does (the other parameters' gradients are still averaged every step)."""
+    if not config.whiten_bias_epochs or epoch <= config.whiten_bias_epochs or not run.model.whiten.bias.requires_grad:
+        return
+    run.model.whiten.bias.requires_grad_(False)
+    if runtime.dist.enabled:
+        run.step.model = compiled(wrap_distributed(run.model, config, runtime), config.compile)
 
 
 def compiled(model: nn.Module, compile_model: bool) -> nn.Module:

@@ -103,7 +103,7 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
                 runtime.device, run.step.optimizer.param_groups[0]["lr"])
             progress.start_epoch(epoch)
             run.train_loader.set_epoch(epoch)
-            freeze_whiten_bias(run.model, config, epoch)
+            freeze_whiten_bias(run, config, runtime, epoch)
             run.step.model.train()
             for batch in run.train_loader:
                 loss, _ = train_step(run.step, batch, sums)

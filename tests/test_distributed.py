@@ -169,3 +169,44 @@ def test_a_torchrun_run_killed_mid_epoch_resumes_under_torchrun_to_the_same_weig
     rows = [(tmp_path / run / "metrics.csv").read_text().splitlines() for run in ("full", "cut")]
     assert len(rows[0]) == len(rows[1]) == 5  # a header and 4 epochs, written once
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == RUN_FILES
+
+
+
+RECORDS_THE_BIAS = """
+import os, sys
+import torch
+from cifarlab import cli, trainer
+freeze = trainer.freeze_whiten_bias
+def freeze_and_record(run, config, runtime, epoch):
+    freeze(run, config, runtime, epoch)
+    bias = run.model.whiten.bias
+    torch.save((bias.detach().clone(), bias.requires_grad), f"{os.environ['BIAS_LOG']}.{os.environ['RANK']}.{epoch}")
+trainer.freeze_whiten_bias = freeze_and_record
+sys.exit(cli.main(sys.argv[1:]))
+"""
+SPEED_RECIPES = ["fast75", "fast85", "fast94", "fast95", "fast96"]
+
+
+@pytest.mark.parametrize("name", SPEED_RECIPES)
+def test_every_speed_recipe_trains_under_torchrun_and_freezes_the_whitening_bias(name: str, colour_root: Path,
+                                                                               tmp_path: Path) -> None:
+    # 54 training images at a global batch of 18: 3 steps an epoch, 2 epochs; the bias trains in the
+    # first and is frozen from the second's start, where each rank builds its DDP wrapper again without it
+    script, out, log = tmp_path / "records.py", tmp_path / "run", tmp_path / "bias"
+    script.write_text(RECORDS_THE_BIAS)
+    result = torchrun("train", "--recipe", name, "--data", str(colour_root), "--val-split", "18",
+                      "--batch-size", "18", "--epochs", "2", "--whiten-bias-epochs", "1", "--device", "cpu",
+                      "--precision", "fp32", "--no-channels-last", "--out", str(out), cwd=tmp_path,
+                      script=[str(script)], env={"BIAS_LOG": str(log)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == RUN_FILES
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["recipe"] == name
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3  # a header and both epochs
+    (start0, trains0), (start1, trains1), (frozen0, trains2), (frozen1, trains3) = (
+        torch.load(f"{log}.{rank}.{epoch}") for epoch in (1, 2) for rank in (0, 1))
+    assert trains0 and trains1 and not trains2 and not trains3
+    assert not start0.any() and torch.equal(frozen0, frozen1) and frozen0.abs().sum() > 0  # trained alike
+    final = torch.load(out / "model.pt", weights_only=True)["state_dict"]["whiten.bias"]
+    if not json.loads((out / "config.json").read_text())["lookahead"]:
+        assert torch.equal(final, frozen0)  # not one step moved it after the freeze
