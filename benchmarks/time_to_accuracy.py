@@ -11,7 +11,9 @@ timed run starts where the machine has just run it, not where a long baseline ru
 Figures: median wall seconds, accuracy mean +- std over seeds, images/s, and the share of this
 machine's measured matmul peak that training reached (forward FLOPs x 3 for forward + backward).
 The headline is the ratio of the seed recipe's time to 75% (wall time up to the end of the first
-epoch at >= 75%, start-up included) to the recipe's median wall time.
+epoch at >= 75%, start-up included) to the recipe's median wall time. With `--learner-runs N` the
+notebook as a learner writes it (`learner_baseline.py`) runs too, interleaved with the others, and
+its time to 75% gets a ratio of its own.
 """
 from __future__ import annotations
 
@@ -75,6 +77,14 @@ def run_once(recipe_name: str, seed: int, out_root: Path, extra: list[str]) -> d
             "train_seconds": summary["train_seconds"], "epochs": summary["epochs"]}
 
 
+def learner_once(seed: int) -> dict:
+    """One run of learner_baseline.py in a fresh process: its time to 75% (None if not reached)."""
+    command = [sys.executable, str(Path(__file__).with_name("learner_baseline.py")), "--data", str(DATA),
+               "--seed", str(seed), "--json"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def describe(name: str, runs: list[dict], peak: float) -> dict:
     config = recipe(name)
     model = create_model(config.model, **config.model_args)
@@ -101,6 +111,8 @@ def main() -> None:
                         help="stop the baseline early (its schedule is constant, so the first epochs are the same)")
     parser.add_argument("--warm-runs", type=int, default=1,
                         help="untimed runs of the recipe before each timed one (default 1; see below)")
+    parser.add_argument("--learner-runs", type=int, default=0,
+                        help="runs of the notebook as a learner writes it (learner_baseline.py; minutes each)")
     parser.add_argument("--device", default="cpu")
     args, extra = parser.parse_known_args()
     extra += ["--device", args.device]
@@ -123,7 +135,11 @@ def main() -> None:
         # after a 150 s seed run took 19-35 s (median 25), after anything else 18-23 s; the baseline's long
         # runs absorb such after-effects of what ran before them
         runs: list[list[dict]] = [[] for _ in plan]
-        for seed in range(max(n for _, n, _ in plan)):
+        learner: list[float | None] = []
+        for seed in range(max(n for _, n, _ in [*plan, ("", args.learner_runs, [])])):
+            if seed < args.learner_runs:
+                learner.append(learner_once(seed)["to_75"])
+                print(f"  learner seed {seed}: 75% at {learner[-1] or float('nan'):.1f}s", flush=True)
             for i, ((name, n, flags), done) in enumerate(zip(plan, runs)):
                 if seed < n:
                     for warm in range(args.warm_runs if i == 0 else 0):
@@ -149,6 +165,10 @@ def main() -> None:
     if len(rows) == 2 and rows[1]["median_to_75_s"] and min(r["accuracy"] for r in rows[0]["all"]) >= 0.75:
         print(f"\ntime to 75%: {args.baseline} {rows[1]['median_to_75_s']:.1f}s / {args.recipe} "
               f"{rows[0]['median_wall_s']:.1f}s = {rows[1]['median_to_75_s'] / rows[0]['median_wall_s']:.1f}x")
+    if learner and None not in learner:
+        print(f"time to 75%: the notebook as a learner writes it {statistics.median(learner):.1f}s (median of "
+              f"{len(learner)}) / {args.recipe} {rows[0]['median_wall_s']:.1f}s = "
+              f"{statistics.median(learner) / rows[0]['median_wall_s']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -41,3 +41,25 @@ def test_the_half_factorial_sweep_is_balanced_and_keeps_pairs_apart() -> None:
     for a, b in itertools.combinations(range(5), 2):
         assert all(sum((lv[a], lv[b]) == pair for lv in half) == 4 for pair in itertools.product((0, 1), repeat=2))
     assert len(designs(3, half=False)) == 8
+
+
+def test_the_learner_baseline_trains_the_notebook_way_until_it_reaches_the_target(tmp_path: Path,
+                                                                                   image_folder_writer) -> None:
+    """Two classes told apart by colour: the notebook's loop gets there, and stops at the first epoch that
+    reaches the target; an unreachable target runs every epoch and reports none."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "colours"
+    rng = np.random.default_rng(0)
+    for name, rgb in (("blue", (40, 40, 200)), ("red", (200, 40, 40))):
+        (root / name).mkdir(parents=True)
+        for i in range(40):
+            array = np.clip(np.array(rgb) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(array).save(root / name / f"{i:02d}.png")
+    learner = _load("learner_baseline")
+    reached = learner.time_to_75(root, max_epochs=6, n_val=20, target=0.9)
+    assert reached["epoch_75"] == len(reached["curve"]) and reached["curve"][-1] >= 0.9
+    assert all(acc < 0.9 for acc in reached["curve"][:-1]) and reached["to_75"] > 0
+    never = learner.time_to_75(root, max_epochs=2, n_val=20, target=1.01)
+    assert never["to_75"] is None and len(never["curve"]) == 2
