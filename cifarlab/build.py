@@ -161,8 +161,8 @@ def freeze_whiten_bias(run: Run, config: TrainConfig, runtime: Runtime, epoch: i
     every epoch's start, so a resumed run freezes it too.
 
     Frozen by `requires_grad`, so autograd skips the stem's backward and the first conv's input
-    gradient (about a tenth of fast75's FLOPs a step), and the optimizer skips a parameter with no gradient. DDP's
-    reducer expects a gradient for every parameter it was built with, so under torchrun every rank
+    gradient (about a tenth of fast75's FLOPs a step), and the optimizer skips a parameter with no
+    gradient. DDP's reducer expects a gradient for every parameter it was built with, so under torchrun every rank
     builds its wrapper again, without the bias, at the same step: the ranks then train exactly as
     one process does (the other parameters' gradients are still averaged every step)."""
     if not config.whiten_bias_epochs or epoch <= config.whiten_bias_epochs or not run.model.whiten.bias.requires_grad:
