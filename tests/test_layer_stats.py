@@ -157,3 +157,38 @@ def test_layers_csv_columns(tmp_path: Path) -> None:
     assert header[:10] == ["step", "depth", "layer", "kind", "grad_norm", "weight_norm", "update_ratio",
                            "act_mean", "act_std", "dead"]
     assert header[10:] == [f"h{i}" for i in range(HIST_BINS)]
+
+
+# --- the pictures: report and compare --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import write_image_folders
+
+    root = tmp_path_factory.mktemp("layers")
+    write_image_folders(root / "images", {name: 20 for name in ("cat", "dog", "frog")})
+    config = dataclasses.replace(TrainConfig(), data=str(root / "images"), epochs=1, batch_size=8, val_split=12,
+                                 model="resnet20", model_args={"widths": [4, 4, 8]}, layer_stats=2)
+    return run_training(config, str(root / "run"))
+
+
+def test_the_depth_picture_draws_the_recorded_gradient_norms(recorded_run: Path) -> None:
+    from cifarlab.layer_plots import draw_layer_stats
+
+    rows = read_layer_stats(recorded_run / "layers.csv")
+    assert sorted({r["step"] for r in rows}) == [2, 4, 6] and {r["depth"] for r in rows} == set(range(1, 21))
+    grad_ax, _, dead_ax = draw_layer_stats(rows).axes[:3]
+    first = [r["grad_norm"] for r in rows if r["step"] == 2]
+    assert [line.get_label() for line in grad_ax.lines] == ["step 2", "step 4", "step 6"]
+    assert list(grad_ax.lines[0].get_ydata()) == first and grad_ax.get_yscale() == "log"
+    assert list(dead_ax.lines[0].get_xdata()) == list(range(1, 20))  # the classifier has no ReLU after it
+
+
+def test_report_and_compare_show_the_layer_pictures(recorded_run: Path, tmp_path: Path, capsys) -> None:
+    assert main(["report", str(recorded_run)]) == 0
+    page = (recorded_run / "report.html").read_text()
+    assert "<h2>Layers by depth</h2>" in page and "<h2>Layer outputs over training" in page
+    assert main(["compare", str(recorded_run), str(recorded_run), "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare_depth.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<h2>Gradient by depth</h2>" in (tmp_path / "cmp" / "compare.html").read_text()
+    capsys.readouterr()
