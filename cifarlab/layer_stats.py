@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from cifarlab.errors import CifarlabError
 from cifarlab.rundir import LAYERS_FILE, write_text
 
 # The histogram: HIST_BINS bins equally wide in asinh(x) over [-HIST_LIMIT, HIST_LIMIT], i.e. x from
@@ -66,13 +67,15 @@ class _ReluWatch(TorchFunctionMode):
 
 
 class LayerStats:
-    """Records every `every`-th training step of `model` stepped by `optimizer` into the csv `file`.
-    `step`: the steps already taken (a resumed run's). Use as a context manager: hooks out on exit."""
+    """Records every `every`-th training step of `model` stepped by `optimizer` into the csv at `path`
+    (created at the first recording: a run shorter than `every` steps has none). `step`: the steps
+    already taken (a resumed run's). Use as a context manager: the hooks are removed on exit."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int, file, step: int = 0) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int, path: Path,
+                 step: int = 0) -> None:
         self.layers = recorded_layers(model)
-        self.every, self.step, self.file = every, step, file
-        self.writer = csv.writer(file)
+        self.every, self.step, self.path = every, step, path
+        self.file = None
         self.recording = False
         self.watch: _ReluWatch | None = None
         self.last: int | None = None  # the layer whose following ReLU is still to come
@@ -93,7 +96,8 @@ class LayerStats:
         for handle in self.handles:
             handle.remove()
         self._end_watch()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
     # --- the forward pass ---
     def _forward_starts(self, module: nn.Module, args) -> None:
@@ -123,7 +127,8 @@ class LayerStats:
             out = output.detach().float()
             std, mean = torch.std_mean(out, correction=0)
             hist = torch.histc(torch.asinh(out).clamp_(-HIST_LIMIT, HIST_LIMIT), HIST_BINS, -HIST_LIMIT, HIST_LIMIT)
-            self.acts[index] = torch.cat([torch.stack([mean, std, torch.tensor(math.nan)]).cpu(), hist.cpu()])
+            # dead (NaN until the following ReLU is seen) between the moments and the histogram
+            self.acts[index] = torch.cat([torch.stack([mean, std]).cpu(), torch.tensor([math.nan]), hist.cpu()])
             self.last = index
         return hook
 
@@ -152,6 +157,12 @@ class LayerStats:
         moved = torch.stack([(w.detach().float() - b.float()).norm() for w, b in zip(self._weights(), self.before)])
         self.before = []
         values = torch.stack([self.grads, self.norms, moved / self.norms], dim=1).cpu()
+        if self.file is None:
+            new = not self.path.exists()
+            self.file = open(self.path, "a", newline="")
+            self.writer = csv.writer(self.file)
+            if new:
+                self.writer.writerow(COLUMNS)
         for depth, ((name, module), stats, acts) in enumerate(zip(self.layers, values.tolist(), self.acts), 1):
             kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
             mean, std, dead, *hist = acts.tolist()
@@ -170,10 +181,13 @@ def open_layer_stats(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opt
     (a fresh run: none) and is appended to from there."""
     path = run_dir / LAYERS_FILE
     kept = [row for row in _complete_rows(path) if int(row[0]) <= step] if step else []
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows([COLUMNS, *kept])
-    write_text(path, buffer.getvalue())
-    return LayerStats(model, optimizer, every, open(path, "a", newline=""), step)
+    if kept:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([COLUMNS, *kept])
+        write_text(path, buffer.getvalue())
+    else:
+        path.unlink(missing_ok=True)
+    return LayerStats(model, optimizer, every, path, step)
 
 
 def _complete_rows(path: Path) -> list[list[str]]:
@@ -187,10 +201,13 @@ def _complete_rows(path: Path) -> list[list[str]]:
 def read_layer_stats(path: Path) -> list[dict]:
     """layers.csv's complete rows as dicts: numbers parsed (None where empty), `hist` the counts."""
     rows = []
-    for raw in _complete_rows(path):
+    for line, raw in enumerate(_complete_rows(path), 2):
         row = dict(zip(COLUMNS, raw))
-        parsed = {"step": int(row["step"]), "depth": int(row["depth"]), "layer": row["layer"], "kind": row["kind"]}
-        parsed.update({c: float(row[c]) if row[c] != "" else None for c in STAT_COLUMNS})
-        parsed["hist"] = [int(row[f"h{i}"]) for i in range(HIST_BINS)]
+        try:
+            parsed = {"step": int(row["step"]), "depth": int(row["depth"]), "layer": row["layer"], "kind": row["kind"]}
+            parsed.update({c: float(row[c]) if row[c] != "" else None for c in STAT_COLUMNS})
+            parsed["hist"] = [int(row[f"h{i}"]) for i in range(HIST_BINS)]
+        except (KeyError, ValueError) as error:
+            raise CifarlabError(f"{path}: corrupt CSV (line {line}: {error})") from None
         rows.append(parsed)
     return rows

@@ -192,3 +192,9 @@ def test_report_and_compare_show_the_layer_pictures(recorded_run: Path, tmp_path
     assert (tmp_path / "cmp" / "compare_depth.png").read_bytes()[:4] == b"\x89PNG"
     assert "<h2>Gradient by depth</h2>" in (tmp_path / "cmp" / "compare.html").read_text()
     capsys.readouterr()
+
+
+def test_a_corrupt_layers_csv_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "layers.csv").write_text("step,depth\n2,x\n")
+    with pytest.raises(CifarlabError, match=r"layers.csv: corrupt CSV \(line 2"):
+        read_layer_stats(tmp_path / "layers.csv")
