@@ -60,6 +60,7 @@ def train_curve(config: TrainConfig, bundle: DataBundle, args: argparse.Namespac
     curve = {"model": name, "step": [], "train_error": [], "val_error": [],
              "precision": str(runtime.amp_dtype or torch.float32), "channels_last": config.channels_last}
     errors, step, epoch, started = [], 0, 0, time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
     with open_layer_stats(out, run.model, run.step.optimizer, config.layer_stats):
         while step < args.steps:
             epoch += 1

@@ -142,9 +142,8 @@ class TrainConfig:
                                        at_least(0))
     layer_stats: int = option(0, "every N steps, record each conv and linear layer's gradient and weight norms, "
                               "update-to-weight ratio, output statistics and dead-ReLU fraction in "
-                              "RUN_DIR/layers.csv (`report` draws them: docs/depth.md); 0 turns it off",
-                              (lambda v, c: v == 0 or (v > 0 and not c.compile and not c.cuda_graph),
-                               "must be 0 or more, and 0 with --compile or --cuda-graph (its hooks run eagerly)"))
+                              "RUN_DIR/layers.csv (`report` draws them: docs/depth.md); 0 turns it off; not "
+                              "recorded with --compile or CUDA graphs (its hooks need eager steps)", at_least(0))
     sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over the global batch (CUDA only)")
 
     def validate(self) -> "TrainConfig":

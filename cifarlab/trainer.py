@@ -96,8 +96,7 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
     stop = stack.enter_context(StopSignals()) if main else StopSignals()
     saver = Checkpointer(session.run_dir, config, run, history) if main else None
     if main and config.layer_stats:  # hooks on the model and the optimizer: the loop below is the same without
-        stack.enter_context(open_layer_stats(session.run_dir, run.model, run.step.optimizer, config.layer_stats,
-                                             start.steps_done(steps_per_epoch)))
+        stack.enter_context(_layer_recorder(session, start.steps_done(steps_per_epoch)))
     budget = _time_budget(session)
     last_eval, epoch = None, start.epoch
     try:
@@ -134,6 +133,18 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
         raise out_of_memory(runtime.device, config) from None
     stop.restore()  # the run's files are written next: Ctrl-C interrupts them as usual
     return history, last_eval
+
+
+def _layer_recorder(session: Session, steps_done: int) -> contextlib.AbstractContextManager:
+    """--layer-stats' hooks; none where the steps do not run the model eagerly (compiled or replayed
+    from CUDA graphs, the hooks would not see the layers)."""
+    config, run, runtime = session.config, session.run, session.runtime
+    graphed = config.cuda_graph and runtime.device.type == "cuda" and not runtime.dist.enabled
+    if config.compile or graphed:
+        print(f"--layer-stats: not recorded with {'--compile' if config.compile else '--cuda-graph'} "
+              f"(its hooks need eager steps)")
+        return contextlib.nullcontext()
+    return open_layer_stats(session.run_dir, run.model, run.step.optimizer, config.layer_stats, steps_done)
 
 
 def _follow_plan(session: Session, budget: TimeBudget, progress: EpochProgress,
