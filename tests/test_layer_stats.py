@@ -196,3 +196,17 @@ def test_a_corrupt_layers_csv_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "layers.csv").write_text("step,depth\n2,x\n")
     with pytest.raises(CifarlabError, match=r"layers.csv: corrupt CSV \(line 2"):
         read_layer_stats(tmp_path / "layers.csv")
+
+
+def test_compiled_steps_are_not_recorded_and_the_run_says_so(capsys) -> None:
+    """Hooks do not fire inside a compiled graph: the recorder is left out, in one printed line."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from cifarlab.distributed import DistInfo
+    from cifarlab.trainer import _layer_recorder
+
+    session = SimpleNamespace(config=TrainConfig(layer_stats=5, compile=True), run=None,
+                              runtime=SimpleNamespace(device=torch.device("cpu"), dist=DistInfo()))
+    assert isinstance(_layer_recorder(session, 0), contextlib.nullcontext)
+    assert "--layer-stats: not recorded with --compile" in capsys.readouterr().out
