@@ -16,13 +16,16 @@ from pathlib import Path
 import torch
 
 from cifarlab.errors import CifarlabError
+from cifarlab.layer_plots import draw_depth_comparison
+from cifarlab.layer_stats import read_layer_stats
 from cifarlab.plots import draw_comparison
 from cifarlab.report import CSP, SCRIPT, STYLE, figure_png, html_table, png_tag
-from cifarlab.rundir import (CONFIG_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, atomic_file,
+from cifarlab.rundir import (CONFIG_FILE, LAYERS_FILE, LOCK_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, atomic_file,
                              read_metrics, write_text)
 # state_dict entries that are buffers, not trained weights (BatchNorm's running statistics)
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 COMPARE_PNG = "compare.png"
+COMPARE_DEPTH_PNG = "compare_depth.png"  # the runs' gradient norm by depth (--layer-stats)
 COMPARE_HTML = "compare.html"
 DEFAULT_RUNS_ROOT = Path("runs")
 
@@ -213,8 +216,8 @@ def format_comparison(rows: list[dict]) -> str:
 
 # --- pictures and the page -------------------------------------------------------------------------
 
-def render_comparison(runs: list[RunSummary], png: bytes) -> str:
-    """compare.html: the table and the picture, self-contained like report.html (same CSP, style, script)."""
+def render_comparison(runs: list[RunSummary], png: bytes, depth_png: bytes | None = None) -> str:
+    """compare.html: the table and the pictures, self-contained like report.html (same CSP, style, script)."""
     names = html.escape(", ".join(run.name for run in runs))
     table = html_table([_cells(row) for row in comparison_rows(runs)], COMPARISON_HEADER)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -223,16 +226,24 @@ def render_comparison(runs: list[RunSummary], png: bytes) -> str:
             f"<title>cifarlab comparison: {names}</title><style>{STYLE}</style></head>"
             f"<body><h1>cifarlab comparison</h1><p class=muted>{names}</p><h2>Runs</h2>{table}"
             f"<h2>Learning curves</h2>{png_tag(png, 'learning curves of the compared runs')}"
-            f"<script>{SCRIPT}</script></body></html>\n")
+            + (f"<h2>Gradient by depth</h2>{png_tag(depth_png, 'gradient norm by depth')}" if depth_png else "")
+            + f"<script>{SCRIPT}</script></body></html>\n")
 
 
 def write_comparison(runs: list[RunSummary], out_dir: Path) -> dict[str, Path]:
-    """Write compare.png and compare.html into out_dir; returns {"png": path, "html": path}."""
+    """Write compare.png and compare.html into out_dir, and compare_depth.png, the gradient norm by depth
+    side by side, when runs recorded --layer-stats; returns {"png": path, "html": path[, "depth_png": path]}."""
     png = figure_png(draw_comparison([(run.name, run.metrics) for run in runs]))
     paths = {"png": out_dir / COMPARE_PNG, "html": out_dir / COMPARE_HTML}
-    with atomic_file(paths["png"]) as tmp:
-        tmp.write_bytes(png)
-    write_text(paths["html"], render_comparison(runs, png))
+    layers = [(run.name, read_layer_stats(run.path / LAYERS_FILE)) for run in runs]
+    depth_png = figure_png(draw_depth_comparison([r for r in layers if r[1]])) if any(r for _, r in layers) else None
+    if depth_png is not None:
+        paths["depth_png"] = out_dir / COMPARE_DEPTH_PNG
+    for key, data in (("png", png), ("depth_png", depth_png)):
+        if data is not None:
+            with atomic_file(paths[key]) as tmp:
+                tmp.write_bytes(data)
+    write_text(paths["html"], render_comparison(runs, png, depth_png))
     return paths
 
 

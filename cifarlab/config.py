@@ -140,6 +140,10 @@ class TrainConfig:
                                        "last save (0: after every epoch); for runs of seconds, where a save costs "
                                        "more than the epoch a crash would lose; a stop signal always saves",
                                        at_least(0))
+    layer_stats: int = option(0, "every N steps, record each conv and linear layer's gradient and weight norms, "
+                              "update-to-weight ratio, output statistics and dead-ReLU fraction in "
+                              "RUN_DIR/layers.csv (`report` draws them: docs/depth.md); 0 turns it off; not "
+                              "recorded with --compile or CUDA graphs (its hooks need eager steps)", at_least(0))
     sync_bn: bool = option(False, "under torchrun: BatchNorm statistics over the global batch (CUDA only)")
 
     def validate(self) -> "TrainConfig":
@@ -182,10 +186,11 @@ def flag_name(name: str) -> str:
 
 RECIPES: dict[str, TrainConfig] = {
     # The notebook's lesson with its blanks filled: its CNN, Adam, NLL loss, normalised inputs, plus
-    # the flips and 2-px translations every CIFAR recipe uses. Reaches >= 75% (README table).
+    # the flips and 2-px translations every CIFAR recipe uses. Reaches >= 75% (README table). Records the
+    # layer statistics every 50 steps, 7 times an epoch, for under 1% of its training time (docs/depth.md).
     "seed": TrainConfig(
         recipe="seed", model="cifar10_cnn", model_args={"channels": [32, 32, 64, 128], "hidden": 256},
-        epochs=10, batch_size=128, lr=1e-3, optimizer="adam",
+        epochs=10, batch_size=128, lr=1e-3, optimizer="adam", layer_stats=50,
     ),
     # The speed recipes follow airbench94: the whitened fast_net, Nesterov SGD with momentum 0.85, a
     # learning rate of 11.5 per 1024 images in airbench's decoupled form, which for our batch-mean loss

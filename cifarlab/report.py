@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import EVAL_VIEWS, run_images
+from cifarlab.layer_plots import layer_figures
 from cifarlab.plots import draw_curves, draw_generalisation_gap
 from cifarlab.records import EpochRecord, History
 from cifarlab.rundir import (CONFIG_FILE, EVAL_DIR, EVAL_JSON, METRIC_COLUMNS, METRICS_FILE, REPORT_FILE, SUMMARY_FILE,
@@ -169,8 +170,14 @@ def _eval_pictures(run: dict) -> dict[str, str]:
     return tags
 
 
+def _layers_section(run: dict) -> str:
+    """--layer-stats' pictures (cifarlab.layer_plots; docs/depth.md reads them); nothing without layers.csv."""
+    return "".join(f"<h2>{html.escape(title)}</h2>{png_tag(figure_png(figure), title)}"
+                   for title, figure in layer_figures(run["dir"]))
+
+
 # the headline, the curves and the confusion matrix first; details and the full config last
-SECTIONS = [_headline_section, _curves_section, _eval_section, _gap_section, _details_section]
+SECTIONS = [_headline_section, _curves_section, _eval_section, _gap_section, _layers_section, _details_section]
 
 
 def load_run(run_dir: Path) -> dict:

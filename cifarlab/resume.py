@@ -95,6 +95,9 @@ class Start:
     sums: EpochSums | None = None
     done: list[EpochRecord] = field(default_factory=list)
 
+    def steps_done(self, steps_per_epoch: int) -> int:
+        return (self.epoch - 1) * steps_per_epoch + (self.sums.batches if self.sums else 0)
+
 
 def restore(state: dict, run: Run) -> Start:
     """Load a checkpoint into freshly built objects; returns where training continues."""

@@ -31,6 +31,7 @@ from cifarlab.records import EpochRecord
 
 CONFIG_FILE = "config.json"  # the resolved TrainConfig
 METRICS_FILE = "metrics.csv"  # one row per finished epoch, flushed as it ends
+LAYERS_FILE = "layers.csv"  # --layer-stats: one row per recorded step and layer (cifarlab.layer_stats)
 MODEL_FILE = "model.pt"  # the result: weights and what eval/predict need
 SUMMARY_FILE = "summary.json"  # accuracy, timing, device, versions: written last
 CHECKPOINT_FILE = "checkpoint.pt"  # resume state while the run is unfinished

@@ -31,6 +31,7 @@ from cifarlab.distributed import (DistInfo, all_reduce_mean, barrier, broadcast_
 from cifarlab.engine import evaluate, train_step
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import write_eval_views
+from cifarlab.layer_stats import open_layer_stats
 from cifarlab.progress import EpochProgress
 from cifarlab.records import EpochRecord, EpochSums, EvalResult, History
 from cifarlab.resume import Checkpointer, Start, StopSignals, open_checkpoint, restore
@@ -94,6 +95,8 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
     # the other ranks keep the default SIGTERM: torchrun's agent ends them with it when a rank fails
     stop = stack.enter_context(StopSignals()) if main else StopSignals()
     saver = Checkpointer(session.run_dir, config, run, history) if main else None
+    if main and config.layer_stats:  # hooks on the model and the optimizer: the loop below is the same without
+        stack.enter_context(_layer_recorder(session, start.steps_done(steps_per_epoch)))
     budget = _time_budget(session)
     last_eval, epoch = None, start.epoch
     try:
@@ -130,6 +133,18 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
         raise out_of_memory(runtime.device, config) from None
     stop.restore()  # the run's files are written next: Ctrl-C interrupts them as usual
     return history, last_eval
+
+
+def _layer_recorder(session: Session, steps_done: int) -> contextlib.AbstractContextManager:
+    """--layer-stats' hooks; none where the steps do not run the model eagerly (compiled or replayed
+    from CUDA graphs, the hooks would not see the layers)."""
+    config, run, runtime = session.config, session.run, session.runtime
+    graphed = config.cuda_graph and runtime.device.type == "cuda" and not runtime.dist.enabled
+    if config.compile or graphed:
+        print(f"--layer-stats: not recorded with {'--compile' if config.compile else '--cuda-graph'} "
+              f"(its hooks need eager steps)")
+        return contextlib.nullcontext()
+    return open_layer_stats(session.run_dir, run.model, run.step.optimizer, config.layer_stats, steps_done)
 
 
 def _follow_plan(session: Session, budget: TimeBudget, progress: EpochProgress,
@@ -307,8 +322,7 @@ def _summary(session: Session, history: History, tta: EvalResult | None, train_s
     last, split = history.records[-1], session.bundle.eval_split
     # this process's steps only: a resumed run's earlier steps were timed by the run that made them
     steps_per_epoch = len(run.train_loader)
-    steps_run = (total_steps(config, steps_per_epoch)
-                 - (start.epoch - 1) * steps_per_epoch - (start.sums.batches if start.sums else 0))
+    steps_run = total_steps(config, steps_per_epoch) - start.steps_done(steps_per_epoch)
     return {
         "recipe": config.recipe, "model": config.model, "eval_split": split,
         "parameters": run.parameters,

@@ -11,6 +11,7 @@ from cifarlab.models.catalog import count_params, forward_flops
 # Parameter counts with 10 classes, to 2 significant figures: He et al. (2015) table 6 for the CIFAR
 # ResNets, Zagoruyko & Komodakis (2016) for the WRNs, the usual 11.2M for the 32x32 PreAct ResNet-18.
 PAPER_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet44": 0.66e6, "resnet56": 0.85e6, "resnet110": 1.7e6,
+                "plain20": 0.27e6, "plain32": 0.46e6, "plain44": 0.66e6, "plain56": 0.85e6,
                 "preact_resnet18": 11e6, "wrn16_8": 11e6, "wrn28_10": 36e6}
 
 
@@ -183,3 +184,27 @@ def test_the_whitening_stem_decorrelates_the_patches_it_was_fitted_on(stride: in
     covariance = features.T @ features / len(features)
     assert torch.allclose(covariance, torch.eye(12), atol=0.02)
     assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56])
+def test_a_plain_net_is_its_resnet_without_the_identity_path(depth: int) -> None:
+    """Same parameters, same initial weights (option A shortcuts have none); with every block's second
+    BatchNorm zeroed, a ResNet's blocks pass their input on, a plain net's pass zeros: its output is
+    the classifier's bias whatever the image."""
+    torch.manual_seed(0)
+    resnet = create_model(f"resnet{depth}")
+    torch.manual_seed(0)
+    plain = create_model(f"plain{depth}")
+    assert count_params(plain) == count_params(resnet)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), resnet.state_dict().values()))
+    x = torch.randn(4, 3, 32, 32)
+    for model in (plain, resnet):
+        for name, module in model.named_modules():
+            if name.endswith(".bn2"):
+                torch.nn.init.zeros_(module.weight)
+                torch.nn.init.zeros_(module.bias)
+        model.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), plain.fc.bias.expand(4, -1))
+        out = resnet(x)
+    assert (out - resnet.fc.bias).abs().amax() > 1e-3 and not torch.allclose(out[0], out[1])

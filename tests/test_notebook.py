@@ -1,4 +1,5 @@
-"""The example notebook runs top to bottom in a headless kernel, on 2,000 shared images for one epoch."""
+"""The example notebook runs top to bottom in a headless kernel, on 2,000 shared images for one epoch
+(and the depth experiment for 4 steps)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,8 @@ def test_the_notebook_executes(shared_images: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("CIFARLAB_NB_DATA", str(shared_images))
     monkeypatch.setenv("CIFARLAB_NB_VAL_SPLIT", "400")
     monkeypatch.setenv("CIFARLAB_NB_EPOCHS", "1")
+    monkeypatch.setenv("CIFARLAB_NB_DEPTH_STEPS", "4")  # the depth experiment's four nets, 4 steps each
+    monkeypatch.setenv("CIFARLAB_NB_DEPTH_IMAGES", "800")
     notebook = nbformat.read(EXAMPLES / "notebook.ipynb", as_version=4)
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(EXAMPLES)}}).execute()
@@ -27,5 +30,7 @@ def test_the_notebook_executes(shared_images: Path, monkeypatch: pytest.MonkeyPa
     assert "The gap went from" in text and "precision" in text
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert "narrow" in text and "wide" in text  # the comparison table of the two channel widths
-    # the curves (loss and accuracy), confusion matrix, mistakes, reliability, gap, the two runs compared
-    assert len(pictures) == 6
+    assert "plain56: training error" in text and "resnet56: training error" in text  # the depth experiment ran
+    # the curves (loss and accuracy), confusion matrix, mistakes, reliability, gap, the two runs compared,
+    # plain against residual nets
+    assert len(pictures) == 7

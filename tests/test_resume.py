@@ -111,6 +111,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     for name in first:
         assert torch.equal(first[name], second[name]), name
     assert metrics_without_time(a) == metrics_without_time(b)
+    layers = [(run / "layers.csv").read_text() if (run / "layers.csv").exists() else None for run in (a, b)]
+    assert layers[0] == layers[1]  # --layer-stats: the same rows, none twice, none lost
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
 
 
@@ -121,7 +123,7 @@ def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path: Path, image_fo
     root = tmp_path / "images"
     image_folder_writer(root, {name: 40 for name in ("a", "b", "c")})  # 96 train / 24 val: 12 steps per epoch
     args = ["--data", str(root), "--epochs", "3", "--batch-size", "8", "--val-split", "24", "--seed", "5",
-            "--checkpoint-every", "5"]
+            "--checkpoint-every", "5", "--layer-stats", "3"]
     full = cli("train", *args, "--out", str(tmp_path / "full"))
     wait_for(tmp_path / "full" / CHECKPOINT_FILE, full)
     first_checkpoint = time.monotonic()
