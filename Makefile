@@ -1,6 +1,7 @@
 # Set-up is part of every target: `make test` or `make train` on a fresh machine installs what it needs.
 PYTHON ?= python3
-DATA ?= ../shared/data/cifar10-jpeg-train.tar.gz
+# the shared JPEG images where this checkout has them beside it, else the official CIFAR-10 download
+DATA ?= $(wildcard ../shared/data/cifar10-jpeg-train.tar.gz)
 STAMP := .install.stamp
 
 .PHONY: install test train demo bench clean
@@ -15,7 +16,8 @@ test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 train: $(STAMP)
-	$(PYTHON) -m cifarlab train --data $(DATA) --recipe seed
+	@echo "make train: the seed recipe on $(if $(DATA),$(DATA),the official CIFAR-10 archive (downloaded once into the cache; no ../shared/data here))"
+	$(PYTHON) -m cifarlab train $(if $(DATA),--data $(DATA),--dataset cifar10) --recipe seed $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache $(STAMP)

@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from cifarlab import __version__
 from cifarlab.config import RECIPES, TrainConfig, flag_name, load_config, recipe
 from cifarlab.errors import INTERRUPTED_STATUS, CifarlabError, RunInterrupted
 
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "on CIFAR-10, CIFAR-100 and folders of labelled images.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model and write a run folder",

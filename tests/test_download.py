@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import http.server
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -183,3 +185,33 @@ def test_cifar100_download(server, cifar100_writer, archive_writer, tmp_path, mo
     assert bundle.source == "cifar100" and bundle.classes == data.classes
     assert np.array_equal(bundle.train.labels.numpy(), data.train_labels)
     assert server.requests == ["/cifar-100-python.tar.gz"]
+
+
+def _make_train_command(repo: Path) -> list[str]:
+    """The arguments `make train` would give `cifarlab` in `repo` (make -n prints without running)."""
+    shutil.copy(Path(__file__).resolve().parents[1] / "Makefile", repo / "Makefile")
+    (repo / "pyproject.toml").touch()
+    printed = subprocess.run(["make", "-n", "train", "PYTHON=python3"], cwd=repo, capture_output=True, text=True,
+                             check=True).stdout
+    line = next(line for line in printed.splitlines() if "-m cifarlab train" in line)
+    return line.split("-m cifarlab ", 1)[1].split()
+
+
+def test_make_train_takes_the_shared_images_where_they_exist_and_the_download_elsewhere(
+        served_cifar10, tmp_path, cache_dir, capsys) -> None:
+    from cifarlab.cli import main
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    args = _make_train_command(repo)  # no ../shared beside this checkout
+    assert args[:3] == ["train", "--dataset", "cifar10"] and "--data" not in args
+    assert main([*args, "--epochs", "1", "--val-split", "10", "--out", str(tmp_path / "run")]) == 0
+    server, _ = served_cifar10
+    assert server.requests == ["/cifar-10-python.tar.gz"]  # the official archive, from the (local) server
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["recipe"] == "seed"
+    capsys.readouterr()
+
+    shared = tmp_path / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"")
+    assert _make_train_command(repo)[:3] == ["train", "--data", "../shared/data/cifar10-jpeg-train.tar.gz"]
