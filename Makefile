@@ -4,7 +4,7 @@ PYTHON ?= python3
 DATA ?= $(wildcard ../shared/data/cifar10-jpeg-train.tar.gz)
 STAMP := .install.stamp
 
-.PHONY: install test train demo bench clean
+.PHONY: install test train docs-cli docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[dev]"
@@ -19,5 +19,13 @@ train: $(STAMP)
 	@echo "make train: the seed recipe on $(if $(DATA),$(DATA),the official CIFAR-10 archive (downloaded once into the cache; no ../shared/data here))"
 	$(PYTHON) -m cifarlab train $(if $(DATA),--data $(DATA),--dataset cifar10) --recipe seed $(ARGS)
 
+# the command reference, from the parser (tests/test_cli_docs.py fails when it is stale)
+docs-cli: $(STAMP)
+	$(PYTHON) -m cifarlab.cli_docs > docs/cli.md
+
+# the documentation site: MkDocs (Material) over docs/, into site/
+docs: $(STAMP)
+	$(PYTHON) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf runs .pytest_cache $(STAMP)
+	rm -rf runs site build dist .pytest_cache $(STAMP)
