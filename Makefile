@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
 
 train: $(STAMP)
 	$(PYTHON) -m cifarlab train --data $(DATA) --recipe seed

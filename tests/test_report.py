@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from PIL import Image
 from cifarlab.cli import main
 from cifarlab.evaluation import run_images
 from cifarlab.rundir import read_metrics
-from conftest import write_image_folders
+from conftest import missing, write_image_folders
 
 CLASSES = ["cat", "dog", "frog"]
 VIEWS = ["confusion_matrix.png", "eval.json", "reliability.png", "worst_mistakes.png"]
@@ -212,9 +211,7 @@ def _chromium() -> str:
     for name in ("chromium", "chromium-browser"):
         if shutil.which(name):
             return shutil.which(name)
-    if os.environ.get("CI"):  # .ci/run installs it: missing in CI is a failure, not a skip
-        pytest.fail("chromium is not installed (apt-get install chromium)")
-    pytest.skip("chromium is not installed (apt-get install chromium)")
+    missing("chromium is not installed (apt-get install chromium)")  # .ci/run installs it
 
 
 def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
