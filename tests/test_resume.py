@@ -81,12 +81,13 @@ def cli(*args: str, **popen) -> subprocess.Popen:
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, **popen)
 
 
-def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+def finish(process: subprocess.Popen, timeout: float = 480) -> tuple[int, str, str]:
     out, err = process.communicate(timeout=timeout)
     return process.returncode, out, err
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Minutes, not seconds: a busy machine may run a step 10x slower; a hung run still fails here."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, f"the run ended before {path.name} appeared: {process.communicate()}"
