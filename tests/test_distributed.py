@@ -1,4 +1,4 @@
-"""Training across processes: the loader's shards, the helpers of distributed.py (in one process and in a
+"""Training across processes: the loader's shards, the functions of distributed.py (in one process and in a
 2-process gloo group), and `torchrun --nproc_per_node=2` on CPU (gloo).
 
 The torchrun tests start real processes (`python -m torch.distributed.run`, so no PATH lookup) on a
@@ -58,12 +58,12 @@ def test_rank_shards_are_disjoint_and_together_are_the_one_process_batch() -> No
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)  # the same augmentation draws too
 
 
-# --- the helpers directly: one process, and a 2-process gloo group on 127.0.0.1 --------------------
+# --- distributed.py directly: one process, and a 2-process gloo group on 127.0.0.1 --------------------
 
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-def test_without_torchrun_every_helper_is_a_no_op_for_one_process(monkeypatch, capsys) -> None:
+def test_without_torchrun_every_function_is_a_no_op_for_one_process(monkeypatch, capsys) -> None:
     for name in (*DIST_VARIABLES, "CIFARLAB_DEBUG_SHARD_LOG"):
         monkeypatch.delenv(name, raising=False)
     info, device = distributed.setup(torch.device("cpu"))
@@ -94,7 +94,7 @@ def test_what_torchrun_sets_is_read_and_a_failing_rank_names_itself(monkeypatch,
 
 
 def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank of a group started by torch.multiprocessing: the helpers as the trainer calls them."""
+    """One rank of a group started by torch.multiprocessing: distributed.py as the trainer calls it."""
     import contextlib
     import io
 
@@ -115,7 +115,7 @@ def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def test_the_helpers_in_a_two_process_gloo_group(tmp_path: Path) -> None:
+def test_distributed_functions_in_a_two_process_gloo_group(tmp_path: Path) -> None:
     import socket
 
     import torch.multiprocessing as mp
