@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
 
 train: $(STAMP)
 	@echo "make train: the seed recipe on $(if $(DATA),$(DATA),the official CIFAR-10 archive (downloaded once into the cache; no ../shared/data here))"

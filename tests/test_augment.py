@@ -65,7 +65,9 @@ def test_loader_with_extras_is_reproducible_and_resumes_exactly() -> None:
     assert all(torch.equal(x[0], y[0]) and x[3] == y[3] for x, y in zip(first, second))
     resumed = make()
     resumed.resume_at(resumed.state(), 3)  # skip 3 batches: the rest must be exactly the same
-    for x, y in zip(first[3:], list(resumed)):
+    rest = list(resumed)
+    assert len(first) == 5 and len(rest) == 2
+    for x, y in zip(first[3:], rest):
         assert torch.equal(x[0], y[0]) and torch.equal(x[2], y[2]) and x[3] == y[3]
 
 
@@ -87,7 +89,13 @@ def test_weight_ema_follows_the_weights_and_its_state_is_plain() -> None:
     assert torch.equal(other.module[0].weight, ema.module[0].weight)
 
 
-def test_train_with_every_option_saves_the_ema_weights(tmp_path: Path, image_folder_writer, capsys) -> None:
+def test_train_with_every_option_saves_the_ema_weights(tmp_path: Path, image_folder_writer, capsys,
+                                                       monkeypatch) -> None:
+    import cifarlab.trainer as trainer_module
+
+    runs = []
+    real_build = trainer_module.build_run
+    monkeypatch.setattr(trainer_module, "build_run", lambda *args: runs.append(real_build(*args)) or runs[-1])
     root = tmp_path / "images"
     image_folder_writer(root, {name: 12 for name in ("cat", "dog")})
     out = tmp_path / "run"
@@ -97,9 +105,15 @@ def test_train_with_every_option_saves_the_ema_weights(tmp_path: Path, image_fol
                  "--ema", "0.9", "--randaugment", "2", "--cutout", "8", "--mixup", "0.2", "--cutmix", "1"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["ema"] == 0.9 and config["cutmix"] == 1.0 and config["clip_grad"] == 1.0
+    (run,) = runs
+    saved = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    averaged, trained = run.step.ema.module.state_dict(), run.model.state_dict()
+    assert saved.keys() == averaged.keys() == trained.keys()
+    assert all(torch.equal(saved[k], averaged[k]) for k in saved)  # model.pt holds the EMA weights
+    assert not all(torch.equal(saved[k], trained[k]) for k in saved)  # not the last trained ones
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
-    assert main(["eval", str(out), "--json"]) == 0  # model.pt holds the EMA weights, which were evaluated
+    assert main(["eval", str(out), "--json"]) == 0  # the EMA weights were the ones evaluated
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["accuracy"])
 
 

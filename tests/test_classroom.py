@@ -44,7 +44,10 @@ def test_compare_two_runs_and_a_missing_folder(two_runs, tmp_path: Path, capsys)
 
 def test_compare_with_no_readable_run_is_one_line(tmp_path: Path, capsys) -> None:
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
-    assert "Traceback" not in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == (f"cifarlab: error: no readable run folder among the 2 given ({tmp_path / 'a'}: no such "
+                           f"folder | {tmp_path / 'b'}: no such folder); pass folders written by cifarlab train\n")
 
 
 def test_runs_lists_newest_first(two_runs, capsys) -> None:

@@ -139,7 +139,9 @@ def test_empty_validation_columns_and_a_fresh_run(tmp_path: Path) -> None:
                                 "lr": 0.1, "seconds": 5.0}]
     rows = comparison_rows(runs)
     assert rows[0]["best_val_acc"] is None and rows[1]["epochs_done"] == 0 and rows[1]["seconds"] == 0
-    assert "-" in format_comparison(rows)
+    table = [line.split() for line in format_comparison(rows).splitlines()]
+    assert table[1:] == [["noval", "baseline", "resnet20", "-", "-", "-", "1/4", "5.0", "-", "-", "stopped"],
+                         ["fresh", "seed", "cnn", "-", "-", "-", "0/2", "0.0", "-", "-", "stopped"]]
     assert len(draw_comparison([(run.name, run.metrics) for run in runs]).axes) == 2  # nothing to draw for the fresh run, and no error
 
 

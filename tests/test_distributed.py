@@ -1,4 +1,5 @@
-"""Training across processes: the loader's shards, and `torchrun --nproc_per_node=2` on CPU (gloo).
+"""Training across processes: the loader's shards, the functions of distributed.py (in one process and in a
+2-process gloo group), and `torchrun --nproc_per_node=2` on CPU (gloo).
 
 The torchrun tests start real processes (`python -m torch.distributed.run`, so no PATH lookup) on a
 tiny learnable problem: each class is a colour, so a few epochs reach the same accuracy on 1 and 2
@@ -20,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cifarlab import distributed
 from cifarlab.cli import main
 from cifarlab.data import Augment, TensorLoader
 from cifarlab.data.sources import ImageSet
@@ -56,8 +58,93 @@ def test_rank_shards_are_disjoint_and_together_are_the_one_process_batch() -> No
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)  # the same augmentation draws too
 
 
+# --- distributed.py directly: one process, and a 2-process gloo group on 127.0.0.1 --------------------
+
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def test_without_torchrun_every_function_is_a_no_op_for_one_process(monkeypatch, capsys) -> None:
+    for name in (*DIST_VARIABLES, "CIFARLAB_DEBUG_SHARD_LOG"):
+        monkeypatch.delenv(name, raising=False)
+    info, device = distributed.setup(torch.device("cpu"))
+    assert (info, device) == (distributed.DistInfo(0, 1, 0, 1), torch.device("cpu"))
+    assert not info.enabled and info.is_main and not torch.distributed.is_initialized()
+    assert distributed.all_reduce_mean([1.5, -2.0], device) == [1.5, -2.0]
+    value = {"run": "folder"}
+    assert distributed.broadcast_object(value) is value
+    distributed.barrier()
+    distributed.teardown()
+    distributed.print0("printed once")
+    distributed.report_failure(info, RuntimeError("boom"))  # one process: its own error is enough
+    assert capsys.readouterr() == ("printed once\n", "")
+    assert distributed.is_main() and distributed.shard_log_path(info) is None
+
+
+def test_what_torchrun_sets_is_read_and_a_failing_rank_names_itself(monkeypatch, capsys, tmp_path: Path) -> None:
+    for name, value in zip(DIST_VARIABLES, ("3", "4", "1", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CIFARLAB_DEBUG_SHARD_LOG", str(tmp_path / "shards"))
+    info = distributed.env_info()
+    assert info == distributed.DistInfo(rank=3, world=4, local_rank=1, local_world=2)
+    assert info.enabled and not info.is_main
+    assert distributed.shard_log_path(info) == tmp_path / "shards.rank3"
+    distributed.report_failure(info, ValueError("bad batch"))
+    assert capsys.readouterr().err == ("cifarlab: rank 3 of 4 failed: ValueError: bad batch; "
+                                       "torchrun stops the other ranks\n")
+
+
+def _gloo_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a group started by torch.multiprocessing: distributed.py as the trainer calls it."""
+    import contextlib
+    import io
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    info, device = distributed.setup(torch.device("cpu"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        distributed.print0(f"from rank {rank}")
+    result = {"info": [info.rank, info.world, info.local_rank, info.local_world], "device": str(device),
+              "backend": torch.distributed.get_backend(), "is_main": distributed.is_main(),
+              "mean": distributed.all_reduce_mean([float(rank), 10.0 * rank + 1], device),
+              "object": distributed.broadcast_object({"chosen by": rank}), "printed": printed.getvalue()}
+    distributed.barrier()
+    distributed.teardown()
+    result["initialized after teardown"] = torch.distributed.is_initialized()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_distributed_functions_in_a_two_process_gloo_group(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # rank 0's store listens here
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(_gloo_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 240  # starting two Pythons with torch takes seconds; a hang takes for ever
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "the 2-process group hung"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, result in enumerate(results):
+        assert result["info"] == [rank, 2, rank, 2] and result["device"] == "cpu" and result["backend"] == "gloo"
+        assert result["is_main"] == (rank == 0)
+        assert result["mean"] == [0.5, 6.0]  # (0 + 1) / 2 and (1 + 11) / 2
+        assert result["object"] == {"chosen by": 0}  # rank 0's value on every rank
+        assert result["printed"] == ("from rank 0\n" if rank == 0 else "")
+        assert result["initialized after teardown"] is False
+
+
 def torchrun(*args: str, cwd: Path, env: dict | None = None, script: list[str] | None = None,
-             timeout: int = 240) -> subprocess.CompletedProcess:
+             timeout: int = 480) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                *(script or ["-m", "cifarlab"]), *args]
     # its own session, so a hung run is killed whole (torchrun's workers too), never left behind
@@ -112,25 +199,28 @@ def test_two_processes_write_one_complete_run_folder_and_match_one_process(colou
 
 
 FAILING = """
-import os, sys
+import os, sys, time
+from pathlib import Path
 from cifarlab import cli, trainer
 if os.environ["RANK"] == "1":
     def fail(*args, **kwargs):
+        Path(sys.argv[1]).write_text(repr(time.time()))
         raise RuntimeError("injected failure on rank 1")
     trainer.train_step = fail
-sys.exit(cli.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
 def test_a_failure_on_one_rank_ends_every_rank_with_a_clear_message(colour_root: Path, tmp_path: Path) -> None:
-    script = tmp_path / "failing.py"
+    script, failed_at = tmp_path / "failing.py", tmp_path / "failed_at"
     script.write_text(FAILING)
-    started = time.monotonic()
     result = torchrun("train", "--data", str(colour_root), *TINY, "--out", str(tmp_path / "run"), cwd=tmp_path,
-                      script=[str(script)], timeout=200)
+                      script=[str(script), str(failed_at)])
     assert result.returncode != 0
     assert "rank 1 of 2 failed: RuntimeError: injected failure on rank 1" in result.stderr
-    assert time.monotonic() - started < 150  # torchrun stopped rank 0, which was waiting on rank 1: no hang
+    # timed from the failure, not from the start (two Pythons importing torch on a busy machine): torchrun
+    # stopped rank 0, which waited on rank 1 in a collective whose own time-out is 30 minutes
+    assert time.time() - float(failed_at.read_text()) < 90
     assert not (tmp_path / "run" / "model.pt").exists()
 
 

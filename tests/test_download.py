@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -68,11 +69,22 @@ def served_cifar10(server, cifar10_tar_gz, monkeypatch):
     return server, data
 
 
-def _free_port() -> int:
-    """A port nothing listens on: bound once by us, then released."""
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port nothing listens on, held bound (not listening) for the test, so no other process can take
+    it meanwhile: a connection to it is refused at once."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(4)
+        yield s.getsockname()[1]
 
 
 def test_cache_root_follows_the_environment(tmp_path, monkeypatch, cache_dir) -> None:
@@ -158,17 +170,42 @@ def test_missing_file_on_the_server(server, monkeypatch, cache_dir) -> None:
     assert list((cache_dir / "downloads").iterdir()) == []
 
 
-def test_unreachable_url_fails_quickly(monkeypatch, cache_dir) -> None:
-    url = f"http://127.0.0.1:{_free_port()}/"
+def test_unreachable_url_fails_quickly(monkeypatch, cache_dir, closed_port: int) -> None:
+    url = f"http://127.0.0.1:{closed_port}/"
     monkeypatch.setenv("CIFARLAB_DATA_URL", url)
     start = time.monotonic()
     with pytest.raises(CifarlabError) as info:
         load_data(dataset="cifar10")
-    assert time.monotonic() - start < 5
+    # refused at once: well under the time-out (30 s), which a busy machine does not come near
+    assert time.monotonic() - start < download.TIMEOUT_S / 2
     message = str(info.value)
     assert "--data" in message and url in message and "\n" not in message
     downloads = cache_dir / "downloads"
     assert not downloads.exists() or list(downloads.iterdir()) == []
+
+
+def test_a_server_that_never_answers_times_out(monkeypatch, cache_dir, silent_port: int) -> None:
+    """Connected, then no reply: the download gives up after its time-out (1 s here), not never."""
+    url = f"http://127.0.0.1:{silent_port}/"
+    monkeypatch.setenv("CIFARLAB_DATA_URL", url)
+    monkeypatch.setattr(download, "TIMEOUT_S", 1.0)
+    errors: list[CifarlabError] = []
+
+    def fetch() -> None:
+        try:
+            fetch_official("cifar10")
+        except CifarlabError as error:
+            errors.append(error)
+
+    start = time.monotonic()
+    thread = threading.Thread(target=fetch, daemon=True)  # a hang fails this test instead of stopping the suite
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the download still waits, long past its time-out"
+    assert time.monotonic() - start >= 1.0
+    (error,) = errors
+    assert "timed out" in str(error) and url in str(error) and "\n" not in str(error)
+    assert list((cache_dir / "downloads").iterdir()) == []
 
 
 def test_unknown_dataset_name() -> None:

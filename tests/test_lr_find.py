@@ -27,6 +27,8 @@ def test_no_suggestion_when_the_loss_never_falls() -> None:
 
 def test_smoothing_is_bias_corrected() -> None:
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards the initial 0
+    # beta 0.5: averages 0.5, 1.75, 2.375 divided by 1 - 0.5**i; raw values or the bare averages differ
+    assert smooth([1.0, 3.0, 3.0], beta=0.5) == pytest.approx([1.0, 1.75 / 0.75, 2.375 / 0.875])
 
 
 def test_the_sweep_grows_exponentially_and_stops_on_divergence(tmp_path: Path, image_folder_writer) -> None:
@@ -40,14 +42,30 @@ def test_the_sweep_grows_exponentially_and_stops_on_divergence(tmp_path: Path, i
     assert not math.isfinite(result.losses[-1]) or result.smoothed[-1] > 4 * min(result.smoothed)
 
 
-def test_lr_find_command_writes_the_plot_and_suggests(tmp_path: Path, image_folder_writer, capsys) -> None:
+def test_lr_find_command_writes_the_plot_and_suggests(tmp_path: Path, image_folder_writer, capsys,
+                                                     monkeypatch) -> None:
+    """The printed line and the drawn curves are the sweep's own numbers, and the suggestion is marked."""
+    from PIL import Image
+
+    from cifarlab import lr_find
+
     image_folder_writer(tmp_path / "images", {name: 8 for name in ("cat", "dog", "frog")})
+    results, figures = [], []
+    real_test, real_save = lr_find.lr_range_test, lr_find.save_figure
+    monkeypatch.setattr(lr_find, "lr_range_test", lambda *a, **k: results.append(real_test(*a, **k)) or results[-1])
+    monkeypatch.setattr(lr_find, "save_figure", lambda figure, path: figures.append(figure) or real_save(figure, path))
     out = tmp_path / "lr.png"
     assert main(["lr-find", "--data", str(tmp_path / "images"), "--batch-size", "8", "--val-split", "0",
                  "--steps", "10", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "steps" in printed and ("suggested lr" in printed or "no suggestion" in printed)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (result,), (figure,) = results, figures
+    assert result.suggestion is not None  # the sweep is seeded: the same losses every run
+    assert capsys.readouterr().out.strip().endswith(f"suggested lr {result.suggestion:.3g}; wrote {out}")
+    (ax,) = figure.axes
+    raw, smoothed, marker = ax.get_lines()
+    assert np.array_equal(raw.get_xdata(), result.lrs) and np.array_equal(raw.get_ydata(), result.losses)
+    assert np.array_equal(smoothed.get_ydata(), result.smoothed)
+    assert list(marker.get_xdata()) == [result.suggestion] * 2 and ax.get_xscale() == "log"
+    assert Image.open(out).size == (700, 450)  # the figure as PNG: 7 x 4.5 inches at 100 dpi
 
 
 def test_lr_find_rejects_a_backwards_range(tmp_path: Path, image_folder_writer, capsys) -> None:

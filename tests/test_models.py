@@ -1,4 +1,5 @@
-"""Every registered model: output shape, a backward pass, finite values, its size; the registry's errors."""
+"""Every registered model: output shape, a backward pass and an optimizer step, finite values, its size; the
+registry's errors."""
 import json
 
 import pytest
@@ -7,12 +8,23 @@ import torch
 from cifarlab import CifarlabError, create_model, model_names
 from cifarlab.config import RECIPES
 from cifarlab.models.catalog import count_params, forward_flops
+from cifarlab.optim import build_optimizer, param_groups
 
 # Parameter counts with 10 classes, to 2 significant figures: He et al. (2015) table 6 for the CIFAR
 # ResNets, Zagoruyko & Komodakis (2016) for the WRNs, the usual 11.2M for the 32x32 PreAct ResNet-18.
 PAPER_PARAMS = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet44": 0.66e6, "resnet56": 0.85e6, "resnet110": 1.7e6,
                 "plain20": 0.27e6, "plain32": 0.46e6, "plain44": 0.66e6, "plain56": 0.85e6,
                 "preact_resnet18": 11e6, "wrn16_8": 11e6, "wrn28_10": 36e6}
+# The other two counted layer by layer (3x3 convolutions with bias: 9 * in * out + out).
+EXACT_PARAMS = {
+    # conv 3-32, 32-32, 32-64, 64-128; linear 128*4*4-256, 256-10
+    "cifar10_cnn": (9 * 3 * 32 + 32) + (9 * 32 * 32 + 32) + (9 * 32 * 64 + 64) + (9 * 64 * 128 + 128)
+                   + (2048 * 256 + 256) + (256 * 10 + 10),
+    # whitening 2x2 conv 3-24 with bias; blocks 24-64, 64-256, 256-256 of two bias-free convs and two
+    # BatchNorms (scale and shift); bias-free head 256-10
+    "fast_net": (24 * 3 * 4 + 24) + sum(9 * cin * cout + 9 * cout * cout + 4 * cout
+                                        for cin, cout in ((24, 64), (64, 256), (256, 256))) + 256 * 10,
+}
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -38,7 +50,14 @@ def test_every_recipe_builds_its_network_and_trains_it_one_step(name: str) -> No
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     out.logsumexp(dim=1).sum().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trained)
+    groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale, filter_lr=config.filter_lr,
+                          bias_decay=config.bias_decay)
+    optimizer = build_optimizer(config.optimizer, groups, config.momentum)  # the recipe's, as build_run makes it
+    before = [p.detach().clone() for p in trained]
+    optimizer.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(trained, before))
 
 
 def test_a_three_conv_block_adds_its_input_to_its_output() -> None:
@@ -55,8 +74,9 @@ def test_a_three_conv_block_adds_its_input_to_its_output() -> None:
 @pytest.mark.parametrize("name", model_names())
 def test_parameter_count(name: str) -> None:
     count = count_params(create_model(name))
-    assert count > 0
-    if name in PAPER_PARAMS:
+    if name in EXACT_PARAMS:
+        assert count == EXACT_PARAMS[name]
+    else:
         assert float(f"{count:.2g}") == PAPER_PARAMS[name], f"{name}: {count} parameters"
 
 
@@ -135,7 +155,8 @@ def test_fast_net_compiled_in_bf16_has_finite_gradients() -> None:
     with torch.autocast("cpu", torch.bfloat16):
         loss = torch.compile(model)(x).float().logsumexp(dim=1).sum()
     loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
 
 
 def test_the_whitening_bias_trains_its_first_epochs_then_stays(tmp_path, image_folder_writer, monkeypatch) -> None:

@@ -15,6 +15,17 @@ from cifarlab.data import load_data
 from conftest import CIFAR10_CLASSES
 
 
+def test_in_ci_missing_real_images_fail_and_elsewhere_skip(tmp_path: Path, monkeypatch) -> None:
+    import conftest
+
+    monkeypatch.setattr(conftest, "SHARED_ARCHIVE", tmp_path / "absent.tar.gz")
+    for value, outcome in (("true", pytest.fail.Exception), ("1", pytest.fail.Exception),
+                           ("false", pytest.skip.Exception), ("", pytest.skip.Exception)):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(outcome, match="the shared real images are missing"):
+            conftest.require_shared_archive()
+
+
 def test_shared_archive_reads_as_cifar10_with_a_stratified_val_split(shared_archive: Path, monkeypatch) -> None:
     data = load_data(str(shared_archive))
     assert data.classes == CIFAR10_CLASSES  # sorted folder names give CIFAR-10's label order

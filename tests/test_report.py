@@ -1,18 +1,22 @@
 """Evaluation views, TensorBoard events and report.html, down to a real headless Chromium rendering it."""
 from __future__ import annotations
 
+import base64
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cifarlab.cli import main
-from conftest import write_image_folders
+from cifarlab.evaluation import run_images
+from cifarlab.rundir import read_metrics
+from conftest import missing, write_image_folders
 
 CLASSES = ["cat", "dog", "frog"]
 VIEWS = ["confusion_matrix.png", "eval.json", "reliability.png", "worst_mistakes.png"]
@@ -105,6 +109,94 @@ def test_report_draws_the_views_train_left_as_numbers(run_dir: Path, tmp_path: P
     assert page.count("<img ") == 4 and "not drawn: " in page and "gone" in page
 
 
+def drawn_report(run_dir: Path, monkeypatch) -> dict[str, object]:
+    """The report's pictures, by their alt text, as the matplotlib figures they were drawn from; the page
+    must embed exactly those figures' PNGs."""
+    import cifarlab.report as report_module
+
+    drawn = []
+    real_png = report_module.figure_png
+    monkeypatch.setattr(report_module, "figure_png", lambda figure: drawn.append((figure, real_png(figure)))
+                        or drawn[-1][1])
+    page = report_module.render_report(run_dir)
+    embedded = {alt: base64.b64decode(data) for alt, data in
+                re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)">', page)}
+    by_png = {png: figure for figure, png in drawn}
+    assert len(embedded) == len(drawn) and set(embedded.values()) == set(by_png)
+    return {alt: by_png[png] for alt, png in embedded.items()}
+
+
+def test_the_report_pictures_show_the_numbers_of_the_run(run_dir: Path, monkeypatch) -> None:
+    """Each picture is read back from its figure: the numbers drawn are metrics.csv's and eval.json's."""
+    figures = drawn_report(run_dir, monkeypatch)
+    assert sorted(figures) == ["confusion matrix", "generalisation gap", "learning curves", "reliability",
+                               "worst mistakes"]
+    ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+    rows = read_metrics(run_dir / "metrics.csv")
+
+    matrix = figures["confusion matrix"].axes[0]
+    counts = np.array([int(t.get_text()) for t in matrix.texts]).reshape(3, 3)  # one number per cell, row by row
+    assert counts.tolist() == ev["confusion_matrix"] and counts.sum() == ev["n"] and np.trace(counts) == ev["correct"]
+    shares = np.asarray(matrix.get_images()[0].get_array())
+    assert np.allclose(shares, counts / counts.sum(axis=1, keepdims=True))  # coloured by the true class's share
+    assert [t.get_text() for t in matrix.get_xticklabels()] == CLASSES
+
+    loss_ax, acc_ax = figures["learning curves"].axes[:2]
+    (train_loss, val_loss), (train_acc, val_acc) = loss_ax.get_lines(), acc_ax.get_lines()
+    assert list(train_loss.get_ydata()) == [r["train_loss"] for r in rows]
+    assert list(val_acc.get_ydata()) == [r["val_acc"] for r in rows] and list(val_acc.get_xdata()) == [1, 2]
+
+    gap = figures["generalisation gap"].axes[1]
+    assert [bar.get_height() for bar in gap.patches] == pytest.approx(
+        [100 * (r["train_acc"] - r["val_acc"]) for r in rows])
+
+    top, bottom = figures["reliability"].axes[:2]
+    bins = ev["calibration_bins"]
+    assert [bar.get_height() for bar in bottom.patches] == bins["count"]
+    assert [bar.get_height() for bar in top.patches[:len(bins["count"])]] == pytest.approx(
+        [a or 0.0 for a in bins["accuracy"]])
+    assert f"ECE {100 * ev['ece']:.2f}%" in top.get_title()
+
+    mistakes = figures["worst mistakes"].axes[0]
+    assert [t.get_text() for t in mistakes.texts] == [f"true: {m['true']}\npred: {m['predicted']} "
+                                                      f"({m['probability']:.2f})" for m in ev["worst_mistakes"]]
+
+
+COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}
+
+
+def test_a_report_of_a_run_with_a_known_mistake_shows_that_image(tmp_path: Path, monkeypatch) -> None:
+    """Classes told apart by colour, and one held-out green image painted red: the trained model calls
+    it red, with confidence, and the report's worst mistakes show that very image, labelled so."""
+    from cifarlab.data import load_data
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "colours"
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(24):
+            noisy = np.clip(np.array(rgb) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / name / f"{i:02d}.png")
+    # the held-out split follows the labels and the seed only, so it can be chosen before the paint
+    val = load_data(str(root), val_split=9, seed=1).val
+    green = next(image for image, label in zip(val.images, val.labels) if val.classes[label] == "green")
+    victim = next(path for path in sorted((root / "green").iterdir())
+                  if np.array_equal(np.asarray(Image.open(path)), green.permute(1, 2, 0).numpy()))
+    painted = np.clip(np.array(COLOURS["red"]) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(painted).save(victim)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--model", "cifar10_cnn", "--epochs", "4", "--batch-size", "16",
+                 "--val-split", "9", "--seed", "1", "--lr", "0.003", "--device", "cpu", "--out", str(run)]) == 0
+
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    worst = ev["worst_mistakes"][0]
+    assert (worst["true"], worst["predicted"]) == ("green", "red") and worst["probability"] > 0.5
+    images = run_images(json.loads((run / "config.json").read_text()), "val")
+    assert np.array_equal(images[worst["index"]].permute(1, 2, 0).numpy(), painted)
+    mosaic = np.asarray(drawn_report(run, monkeypatch)["worst mistakes"].axes[0].get_images()[0].get_array())
+    assert np.array_equal(mosaic[12:44, 4:36], painted)  # the first tile: 12 px for its labels, 4 px aside
+
+
 def test_report_of_a_run_before_its_first_epoch_says_so(run_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "early"
     copy.mkdir()
@@ -119,9 +211,7 @@ def _chromium() -> str:
     for name in ("chromium", "chromium-browser"):
         if shutil.which(name):
             return shutil.which(name)
-    if os.environ.get("CI"):  # .ci/run installs it: missing in CI is a failure, not a skip
-        pytest.fail("chromium is not installed (apt-get install chromium)")
-    pytest.skip("chromium is not installed (apt-get install chromium)")
+    missing("chromium is not installed (apt-get install chromium)")  # .ci/run installs it
 
 
 def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import stat
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -20,16 +21,18 @@ from conftest import OfficialData, write_archive, write_cifar10, write_cifar100
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> str:
+def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """No shared folder unless a test sets one (a teaching machine may have TEACHER_DIR set), and a
     download URL nothing listens on."""
     monkeypatch.delenv("CIFARLAB_DATA_DIR", raising=False)
     monkeypatch.delenv("TEACHER_DIR", raising=False)
-    with socket.socket() as s:  # a port bound once by us, then released: nothing listens there
+    # a port held bound, not listening, for the whole test: refused at once, and no other process
+    # (a torchrun rendezvous, a test server) can take it meanwhile
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}/"
-    monkeypatch.setenv("CIFARLAB_DATA_URL", url)
-    return url
+        monkeypatch.setenv("CIFARLAB_DATA_URL", url)
+        yield url
 
 
 def cifar10_copy(folder: Path, monkeypatch: pytest.MonkeyPatch, *, archive: bool = True, extracted: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,21 +64,52 @@ def test_bf16_is_not_tried_without_native_kernels_and_given_choices_are_kept(mon
     assert tuning.resolve_auto(fixed, CPU, 3) == (fixed, None) and not tried
 
 
-def test_a_real_measurement_gives_positive_speeds_for_every_candidate() -> None:
+def test_a_real_measurement_times_each_candidate_in_its_own_precision_and_layout(monkeypatch) -> None:
+    """Each candidate trains the run's model in its own precision and layout, and its speed is the batch
+    over the fastest timed step, the first (which builds the kernels) left out. The clock is the test's:
+    the three steps take 1, 3 and 2 s, so the speed is batch / 2 s."""
+    ticks: list[float] = []
+    convs, models = [], []
+    real_create = tuning.create_model
+
+    def recording_model(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+        models.append((model, [p.detach().clone() for p in model.parameters()]))
+        first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda module, inputs, out: convs.append(
+            (out.dtype, out.is_contiguous(memory_format=torch.channels_last))))
+        return model
+
+    monkeypatch.setattr(tuning, "create_model", recording_model)
+    monkeypatch.setattr(tuning, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: ticks.pop(0))}))
     for precision in ("fp32", "bf16"):
         for channels_last in (False, True):
-            assert tuning._images_per_second(TINY, 3, precision, channels_last) > 0
+            ticks[:] = [0, 1, 10, 13, 20, 22]  # the start and end of each step
+            convs.clear()
+            assert tuning._images_per_second(TINY, 3, precision, channels_last) == TINY.batch_size / 2
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            assert convs == [(dtype, channels_last)] * 3, (precision, channels_last)
+            model, before = models.pop()
+            assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # optimizer steps taken
 
 
-def test_the_run_records_what_was_chosen(tmp_path: Path, image_folder_writer, capsys) -> None:
+def test_the_run_records_what_was_chosen(tmp_path: Path, image_folder_writer, capsys, cache_dir: Path) -> None:
+    """The run's config holds the fastest candidate of the table it measured (and printed)."""
     image_folder_writer(tmp_path / "images", {name: 10 for name in ("cat", "dog")})
     run = tmp_path / "run"
     assert main(["train", "--data", str(tmp_path / "images"), "--model", "cifar10_cnn", "--epochs", "1",
                  "--batch-size", "8", "--val-split", "4", "--out", str(run)]) == 0
-    assert "measured training speed (images/s) on this CPU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    (measured,) = json.loads((cache_dir / tuning.TUNING_FILE).read_text()).values()  # one model, one key
+    expected = {f"{p}/{layout}" for p in (["fp32", "bf16"] if tuning.cpu_has_fast_bf16() else ["fp32"])
+                for layout in ("nchw", "channels_last")}
+    assert set(measured) == expected
+    assert "measured training speed (images/s) on this CPU: " + ", ".join(
+        f"{name} {speed:.0f}" for name, speed in measured.items()) in printed
+    precision, layout = max(measured, key=measured.get).split("/")
     config = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    assert config["precision"] in ("fp32", "bf16") and isinstance(config["channels_last"], bool)
+    assert (config["precision"], config["channels_last"]) == (precision, layout == "channels_last")
     assert summary["channels_last"] == config["channels_last"]
     assert summary["precision"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[config["precision"]]
 
@@ -109,6 +141,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_steps_stop_page_faulting_once_freed_memory_is_kept() -> None:
     """Training steps free and re-allocate their activations: with glibc's defaults each step faults
     them back in (about 7,000 pages a step here), with keep_freed_memory almost none."""
+    # one thread: the allocations (and so the faults) then do not depend on how busy the cores are
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     faults = {mode: int(subprocess.run([sys.executable, "-c", STEPS_FAULTS, mode], capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("default", "keep")}
+                                       check=True, env=env, timeout=300).stdout) for mode in ("default", "keep")}
     assert faults["keep"] * 5 < faults["default"], faults
