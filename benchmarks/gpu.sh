@@ -16,7 +16,7 @@
 #   sweep94(240)  airbench94's five settings fast94 lacked (--alternate-flip, --lookahead, --schedule
 #                 triangle, --bias-decay, --whiten-bias-epochs 3) on that baseline, as a half-factorial
 #                 sweep, 16 configurations x 3 seeds, 4 runs at a time (benchmarks/sweep.py): each
-#                 one's main effect over 24 against 24 runs (docs/speed.md has the 2026-11-28 result)
+#                 one's main effect over 24 against 24 runs (docs/notes.md has the 2026-11-28 result)
 #   96     (200)  fast96 against airbench96, 1 seed each
 #   resnet (100)  seconds per epoch of resnet56 and resnet18 at batch 128 and 512
 #   timeline(40)  fast94 once, each output line stamped (benchmarks/timeline.py): where the whole

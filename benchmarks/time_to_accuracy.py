@@ -131,7 +131,7 @@ def main() -> None:
             plan.append((args.baseline, args.baseline_runs, extra + baseline_extra))
         # interleaved (recipe seed 0, baseline seed 0, recipe seed 1, ...): a shared machine's speed drifts
         # over minutes, and the ratio should not depend on which recipe ran in the slow minutes. Each timed
-        # run of the recipe follows an untimed one: on the Zen 4 of docs/speed.md a 20 s fast75 run straight
+        # run of the recipe follows an untimed one: on the Zen 4 of docs/benchmarks.md a 20 s fast75 run straight
         # after a 150 s seed run took 19-35 s (median 25), after anything else 18-23 s; the baseline's long
         # runs absorb such after-effects of what ran before them
         runs: list[list[dict]] = [[] for _ in plan]

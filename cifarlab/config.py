@@ -115,7 +115,7 @@ class TrainConfig:
     precision: str = option("auto", "auto: on a CPU whichever of fp32 and bf16 (where oneDNN has native bf16) "
                             "trains faster here, measured once (cifarlab.tuning); bf16, else fp16, on CUDA. fp16 "
                             "trains with a gradient scaler", choices=PRECISIONS)
-    # 500, not 1000: a third faster on a 2-core CPU, whose caches a batch of 1,000 overflows (docs/speed.md)
+    # 500, not 1000: a third faster on a 2-core CPU, whose caches a batch of 1,000 overflows (docs/notes.md)
     eval_batch_size: int = option(500, "images per evaluation batch", at_least(1))
     channels_last: bool | None = option(None, "memory layout: channels_last, or NCHW with --no-channels-last; "
                                         "unset, whichever trains faster here (measured once, like precision)")
@@ -199,7 +199,7 @@ RECIPES: dict[str, TrainConfig] = {
     # smoothing 0.2, a 23% warm-up then linear decay, 2-px translations, flips, and 6-view test-time
     # augmentation. fast94 adds airbench's lookahead and alternating flips (+0.35 and +0.16 points in a
     # 48-run factorial sweep on one H200; its triangle schedule lost 0.25, bias decay and freezing the
-    # whitening bias after 3 epochs were neutral: docs/speed.md), replays its steps from CUDA graphs
+    # whitening bias after 3 epochs were neutral: docs/notes.md), replays its steps from CUDA graphs
     # (0.21 s an epoch against 0.26 eager) and evaluates after its last epoch only (0.16 s an epoch; as
     # airbench times itself). Its epochs take a sixth of a second: it checkpoints every 30 s, not every epoch.
     "fast94": TrainConfig(
@@ -231,7 +231,7 @@ RECIPES: dict[str, TrainConfig] = {
     # in accuracy); flips but no translations (a run this short underfits: +0.45 points); 1.8125 epochs
     # (160 steps: +0.56 points over 1.75 for 4% more steps); precision and layout measured per machine;
     # evaluated after its last epoch only (the one after epoch 1 cost 0.25 s of a 16 s command).
-    # Chosen on the validation split (docs/speed.md has the tables).
+    # Chosen on the validation split (docs/notes.md has the tables).
     "fast75": TrainConfig(
         recipe="fast75", model="fast_net", model_args={"widths": [32, 64, 128], "whiten_stride": 2,
                                                        "activation": "relu"}, epochs=1.8125,

@@ -33,7 +33,7 @@ def _norm(channels: int) -> nn.BatchNorm2d:
 
 
 # GELU as airbench; ReLU costs a third of it on a CPU (bf16: about 2 against 7 ms forward + backward for
-# 4M activations) for about half a point at fast75's size (docs/speed.md)
+# 4M activations) for about half a point at fast75's size (docs/notes.md)
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
