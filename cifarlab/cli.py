@@ -23,6 +23,7 @@ EPILOG = """examples:
   cifarlab train --config runs/first --channels-last   # run it again, one setting changed
   cifarlab predict runs/first photo.jpg --json
   cifarlab export runs/first --format onnx
+  cifarlab explain runs/first photo.jpg --out runs/first/explain
 """
 
 
@@ -148,6 +149,20 @@ def _add_inspection_commands(commands) -> None:
     predict.add_argument("--json", action="store_true",
                          help="print a JSON list: {path, label, probability, topk: [{label, probability}]} per image")
 
+    explain = commands.add_parser("explain", help="what the network sees: top-5, feature maps, where it looks",
+                                  description="For each image: the top-5 classes, the feature maps after every "
+                                              "convolution and pooling layer, and attribution maps over the image; "
+                                              "numbers in an .npz beside the pictures drawn from them, and the "
+                                              "first layer's filters (kernels.png).")
+    explain.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    explain.add_argument("images", metavar="IMAGE", nargs="+")
+    explain.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/explain)")
+    explain.add_argument("--method", action="append", choices=["gradcam", "ig", "occlusion"],
+                         help="attribution map, repeatable (default: gradcam and ig, Integrated Gradients)")
+    explain.add_argument("--layer", metavar="NAME", help="layer for Grad-CAM (default: the last convolution)")
+    explain.add_argument("--json", action="store_true", help="print a JSON list: {path, label, probability, "
+                                                             "topk, gradcam_layer, files} per image")
+
     export = commands.add_parser("export", help="export a trained model to ONNX, safetensors or TorchScript",
                                  description="Export and check the file against the PyTorch model. ONNX and "
                                              "TorchScript take float RGB images in 0..1 and include the "
@@ -258,6 +273,16 @@ def _predict_command(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
 
 
+def _explain_command(args: argparse.Namespace) -> None:
+    from cifarlab.explain import DEFAULT_METHODS, explain_files, format_explanations
+    from cifarlab.rundir import resolve_model_path
+
+    out = Path(args.out) if args.out else resolve_model_path(Path(args.model)).parent / "explain"
+    results = explain_files(Path(args.model), [Path(p) for p in args.images], out,
+                            tuple(args.method or DEFAULT_METHODS), args.layer)
+    print(json.dumps(results, indent=2) if args.json else format_explanations(results))
+
+
 def _export_command(args: argparse.Namespace) -> None:
     from cifarlab.export import export_model
 
@@ -289,7 +314,7 @@ def _models_command(args: argparse.Namespace) -> None:
 
 COMMANDS = {"models": _models_command, "train": _train_command, "eval": _eval_command, "report": _report_command,
             "compare": _compare_command, "runs": _runs_command, "predict": _predict_command,
-            "export": _export_command, "lr-find": _lr_find_command}
+            "export": _export_command, "explain": _explain_command, "lr-find": _lr_find_command}
 
 
 def main(argv: list[str] | None = None) -> int:
