@@ -145,3 +145,17 @@ def draw_top_patches(arrays: dict[str, np.ndarray]):
     return _mosaic_figure(_mosaic(rows, max(len(rows[0]), 9), side), labels, side,
                           "Validation patches that excite a channel most (its receptive field, strongest first)",
                           0.03)
+
+
+def draw_mistake_maps(images: np.ndarray, heats: np.ndarray, titles: list[str], columns: int = 8):
+    """Images (uint8 [n,H,W,3]) with their Grad-CAM maps ([n,H,W]) over them in the row below, titled."""
+    side = images.shape[1]
+    rows = []
+    for start in range(0, len(images), columns):
+        chunk = slice(start, start + columns)
+        rows += [images[chunk], np.stack([heat_overlay(i, h) for i, h in zip(images[chunk], heats[chunk])])]
+    labels = []
+    for start in range(0, len(titles), columns):
+        labels += ["   ".join(titles[start:start + columns]), "Grad-CAM of the predicted class"]
+    return _mosaic_figure(_mosaic(rows, columns, side), labels, side,
+                          "Where the model looked when it was most confidently wrong", 0.045)

@@ -169,8 +169,14 @@ def _eval_pictures(run: dict) -> dict[str, str]:
     return tags
 
 
+def _explain_section(run: dict) -> str:
+    from cifarlab.report_explain import explain_section  # its own module: kernels, feature maps, Grad-CAM
+
+    return explain_section(run)
+
+
 # the headline, the curves and the confusion matrix first; details and the full config last
-SECTIONS = [_headline_section, _curves_section, _eval_section, _gap_section, _details_section]
+SECTIONS = [_headline_section, _curves_section, _eval_section, _gap_section, _explain_section, _details_section]
 
 
 def load_run(run_dir: Path) -> dict:
