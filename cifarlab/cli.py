@@ -24,6 +24,7 @@ EPILOG = """examples:
   cifarlab predict runs/first photo.jpg --json
   cifarlab export runs/first --format onnx
   cifarlab explain runs/first photo.jpg --out runs/first/explain
+  cifarlab serve runs/first --port 8000
 """
 
 
@@ -163,6 +164,13 @@ def _add_inspection_commands(commands) -> None:
     explain.add_argument("--json", action="store_true", help="print a JSON list: {path, label, probability, "
                                                              "topk, gradcam_layer, files} per image")
 
+    serve = commands.add_parser("serve", help="a local page: drop an image, see top-5, Grad-CAM and feature maps",
+                                description="Serve a page where an image dropped or picked is explained by the "
+                                            "run's model (top-5, Grad-CAM overlay, feature maps). Ctrl-C stops.")
+    serve.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000 (0: any free port)")
+
     export = commands.add_parser("export", help="export a trained model to ONNX, safetensors or TorchScript",
                                  description="Export and check the file against the PyTorch model. ONNX and "
                                              "TorchScript take float RGB images in 0..1 and include the "
@@ -283,6 +291,12 @@ def _explain_command(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2) if args.json else format_explanations(results))
 
 
+def _serve_command(args: argparse.Namespace) -> None:
+    from cifarlab.serve import serve
+
+    serve(Path(args.model), args.host, args.port)
+
+
 def _export_command(args: argparse.Namespace) -> None:
     from cifarlab.export import export_model
 
@@ -314,7 +328,8 @@ def _models_command(args: argparse.Namespace) -> None:
 
 COMMANDS = {"models": _models_command, "train": _train_command, "eval": _eval_command, "report": _report_command,
             "compare": _compare_command, "runs": _runs_command, "predict": _predict_command,
-            "export": _export_command, "explain": _explain_command, "lr-find": _lr_find_command}
+            "export": _export_command, "explain": _explain_command,
+            "serve": _serve_command, "lr-find": _lr_find_command}
 
 
 def main(argv: list[str] | None = None) -> int:

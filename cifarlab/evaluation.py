@@ -110,6 +110,8 @@ def run_images(config: dict, split: str) -> torch.Tensor:
     return run_split(config, split).images
 
 
-def run_split(config: dict, split: str) -> ImageSet:
-    """A run's `split` (images and labels) from its own source, split as in training."""
-    return _run_source(config, None, None, config.get("image_size", 32)).split(split)
+def run_split(config: dict, split: str | None = None) -> ImageSet:
+    """A run's `split` (images and labels; None: the split it reported on) from its own source, split as
+    in training."""
+    bundle = _run_source(config, None, None, config.get("image_size", 32))
+    return bundle.split(split or bundle.eval_split or "train")
