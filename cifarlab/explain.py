@@ -50,14 +50,25 @@ class Explainer:
     info: ModelInfo
     layers: dict[str, nn.Module] = field(default_factory=dict)
 
+    spatial: dict[str, int] = field(default_factory=dict)  # layer -> output height (1: no map left)
+
     @property
     def last_conv(self) -> str:
         return [name for name, m in self.layers.items() if isinstance(m, CONV_TYPES)][-1]
 
+    @property
+    def default_layer(self) -> str:
+        """Grad-CAM's layer: the last convolution's maps, taken after the pooling that follows it where
+        there is one and it leaves a map (the seed CNN's last max-pool). Its output is past the ReLU, as
+        Grad-CAM's authors take it; the raw conv output, before it, ranked pixels worse on the deletion test."""
+        names = list(self.layers)
+        after = [n for n in names[names.index(self.last_conv):] if self.spatial.get(n, 2) > 1]
+        return after[-1] if after else self.last_conv
+
     def layer(self, name: str | None) -> str:
-        """`name` if the model has such a conv or pooling layer (None: the last conv), else one clear line."""
+        """`name` if the model has such a conv or pooling layer (None: `default_layer`), else one clear line."""
         if name is None:
-            return self.last_conv
+            return self.default_layer
         if name not in self.layers:
             raise unknown_name("layer", name, list(self.layers))
         return name
@@ -70,30 +81,37 @@ class Explainer:
 
 
 def open_explainer(model_path: Path) -> Explainer:
-    """Load a run folder's (or model.pt's) model in float32 on the CPU and find its layers."""
+    """Load a run folder's (or model.pt's) model and find its layers."""
     model, info = load_model(model_path, torch.device("cpu"))
-    model = model.float().to(memory_format=torch.contiguous_format)
-    explainer = Explainer(model, info)
+    return make_explainer(model, info, str(model_path))
+
+
+def make_explainer(model: nn.Module, info: ModelInfo, where: str = "the model") -> Explainer:
+    """An Explainer of a model in memory (the notebook's), moved to the CPU in float32 (in place)."""
+    model = model.cpu().float().to(memory_format=torch.contiguous_format).eval()
     order = forward_order(model, info.image_size)
-    explainer.layers = {name: module for name, module in order}
-    if not any(isinstance(m, CONV_TYPES) for m in explainer.layers.values()):
-        raise CifarlabError(f"{model_path}: model '{info.name}' has no convolution layer to explain")
-    return explainer
+    layers = {name: module for name, module, _ in order}
+    if not any(isinstance(m, CONV_TYPES) for m in layers.values()):
+        raise CifarlabError(f"{where}: model '{info.name}' has no convolution layer to explain")
+    return Explainer(model, info, layers, {name: height for name, _, height in order})
 
 
-def forward_order(model: nn.Module, size: int) -> list[tuple[str, nn.Module]]:
-    """The conv and pooling modules in the order one forward pass calls them (not the order they are
-    declared in: a block may declare its shortcut first)."""
+def forward_order(model: nn.Module, size: int) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, output height) of the conv and pooling modules in the order one forward pass calls
+    them (not the order they are declared in: a block may declare its shortcut first)."""
     names = {module: name for name, module in model.named_modules() if isinstance(module, CONV_TYPES + POOL_TYPES)}
-    called: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda m, i, o: called.append(m)) for m in names]
+    called: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, inputs, output: torch.Tensor) -> None:  # returns None: the output stays as it is
+        called.setdefault(module, output.shape[-2])
+    hooks = [m.register_forward_hook(record) for m in names]
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
     finally:
         for hook in hooks:
             hook.remove()
-    return [(names[m], m) for m in dict.fromkeys(called)]
+    return [(names[m], m, height) for m, height in called.items()]
 
 
 def record_activations(explainer: Explainer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -27,5 +27,7 @@ def test_the_notebook_executes(shared_images: Path, monkeypatch: pytest.MonkeyPa
     assert "The gap went from" in text and "precision" in text
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert "narrow" in text and "wide" in text  # the comparison table of the two channel widths
-    # the curves (loss and accuracy), confusion matrix, mistakes, reliability, gap, the two runs compared
-    assert len(pictures) == 6
+    # the curves (loss and accuracy), kernels, feature maps, Grad-CAM, confusion matrix, mistakes, reliability,
+    # gap, the two runs compared
+    assert len(pictures) == 9
+    assert "Grad-CAM" in "".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
