@@ -29,7 +29,7 @@ METHODS = ("gradcam", "ig", "occlusion")
 DEFAULT_METHODS = ("gradcam", "ig")  # the layer-level map and one pixel-level one
 TOP_K = 5
 CHANNELS_SHOWN = 8  # most active channels of each layer kept and drawn
-IG_STEPS = 32  # Integrated Gradients' path steps: the maps change little beyond ~20 for these models
+IG_STEPS = 16  # Integrated Gradients' path steps (Gauss-Legendre, captum's default rule): 16 passes the deletion test and keeps explain under 1 s
 INSTALL_HINT = 'pip install "cifarlab[explain]"'
 
 
