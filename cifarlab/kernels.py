@@ -1,5 +1,6 @@
-"""What the layers have learned: the first convolution's filters, and for deeper convolutions the
-validation patches that excite a channel most (the picture Zeiler and Fergus drew, 2014).
+"""What deeper layers have learned: for a few channels of deeper convolutions, the validation patches
+that excite each most (the picture Zeiler and Fergus drew, 2014; the first layer's filters are
+explain.kernel_arrays).
 
 A patch is the part of the image that can move the chosen activation: found by back-propagating from
 that one activation to the input and keeping the box where the gradient is not zero. That is exact for
@@ -14,28 +15,12 @@ import torch
 from torch import nn
 
 from cifarlab.explain import CONV_TYPES, Explainer
-from cifarlab.explain_draw import draw_kernels, draw_top_patches
+from cifarlab.explain_draw import draw_top_patches
 from cifarlab.rundir import save_figure
 
 PATCHES = 9  # per channel
 CHANNELS = 4  # sampled per layer
 PATCH_SIDE = 32  # pixels each patch is drawn at
-
-
-def kernel_arrays(explainer: Explainer) -> dict[str, np.ndarray]:
-    """The first convolution's weights [k, 3, h, w] and whether training changed them."""
-    name, conv = next((n, m) for n, m in explainer.layers.items() if isinstance(m, CONV_TYPES))
-    # fast_net's whitening stem is frozen (requires_grad False): fitted to the data, not learned
-    return {"layer": np.array(name), "weights": conv.weight.detach().float().numpy(),
-            "learned": np.array(bool(conv.weight.requires_grad))}
-
-
-def save_kernels(explainer: Explainer, out: Path) -> str:
-    """kernels.npz and kernels.png (drawn from the file) in `out`; returns the picture's path."""
-    np.savez(out / "kernels.npz", **kernel_arrays(explainer))
-    with np.load(out / "kernels.npz") as saved:
-        save_figure(draw_kernels(dict(saved)), out / "kernels.png")
-    return str(out / "kernels.png")
 
 
 def deeper_convs(explainer: Explainer) -> list[str]:

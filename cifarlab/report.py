@@ -172,7 +172,7 @@ def _eval_pictures(run: dict) -> dict[str, str]:
 def _explain_section(run: dict) -> str:
     from cifarlab.report_explain import explain_section  # its own module: kernels, feature maps, Grad-CAM
 
-    return explain_section(run)
+    return explain_section(run, lambda figure, alt: png_tag(figure_png(figure), alt))
 
 
 # the headline, the curves and the confusion matrix first; details and the full config last

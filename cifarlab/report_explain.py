@@ -4,16 +4,17 @@ pair of classes, and Grad-CAM on the most confident mistakes. Without captum the
 from __future__ import annotations
 
 import html
+from typing import Callable
 
 import numpy as np
 import torch
 
 from cifarlab.errors import CifarlabError
 from cifarlab.evaluation import run_split
-from cifarlab.explain import INSTALL_HINT, explain_tensor, open_explainer
+from cifarlab.explain import INSTALL_HINT, explain_tensor, kernel_arrays, open_explainer
 from cifarlab.explain_draw import (draw_attributions, draw_feature_maps, draw_kernels, draw_mistake_maps,
                                    draw_top_patches)
-from cifarlab.kernels import kernel_arrays, top_patches
+from cifarlab.kernels import top_patches
 from cifarlab.rundir import MODEL_FILE
 
 PATCH_IMAGES = 500  # validation images searched for the top patches (more costs seconds, shows the same)
@@ -52,22 +53,21 @@ def right_and_wrong(explainer, images: torch.Tensor, labels: torch.Tensor, pair:
     return chosen
 
 
-def explain_section(run: dict) -> str:
-    """The section's HTML for a run (the dict report.load_run reads), a note where a part cannot be drawn."""
-    from cifarlab.report import figure_png, png_tag
-
+def explain_section(run: dict, embed: Callable[[object, str], str]) -> str:
+    """The section's HTML for a run (the dict report.load_run reads), a note where a part cannot be drawn.
+    `embed(figure, alt)` is the report's own <img> tag for a figure."""
     ev = run["eval"]
     if not (run["dir"] / MODEL_FILE).exists() or not ev:
         return f"{TITLE}<p class=muted>needs the run's {MODEL_FILE} and its evaluation (the run has not finished)</p>"
     explainer = open_explainer(run["dir"])
     kernels = kernel_arrays(explainer)
-    parts = [f"<h3>First-layer filters</h3>{png_tag(figure_png(draw_kernels(kernels)), 'first-layer filters')}"]
+    parts = [f"<h3>First-layer filters</h3>{embed(draw_kernels(kernels), 'first-layer filters')}"]
     try:
         split = run_split(run["config"], ev["split"])
     except CifarlabError as error:
         return f"{TITLE}{''.join(parts)}<p class=muted>the rest not drawn: {html.escape(str(error))}</p>"
     patches = top_patches(explainer, split.images[:PATCH_IMAGES])
-    parts.append(f"<h3>What deeper channels respond to</h3>{png_tag(figure_png(draw_top_patches(patches)), 'top patches')}")
+    parts.append(f"<h3>What deeper channels respond to</h3>{embed(draw_top_patches(patches), 'top patches')}")
     captum = _has_captum()
     methods = ("gradcam",) if captum else ()
     pair = most_confused(ev["confusion_matrix"])
@@ -78,19 +78,19 @@ def explain_section(run: dict) -> str:
     for index in right_and_wrong(explainer, split.images, split.labels, pair):
         arrays = explain_tensor(explainer, split.images[index], methods)
         pictures = [draw_feature_maps(arrays)] + ([draw_attributions(arrays)] if captum else [])
-        parts.append("<div class=row>" + "".join(png_tag(figure_png(p), "feature maps") for p in pictures) + "</div>")
+        parts.append("<div class=row>" + "".join(embed(p, "feature maps") for p in pictures) + "</div>")
     if not captum:
         parts.append(f"<p class=muted>Grad-CAM maps not drawn: they need the captum package ({INSTALL_HINT})</p>")
     else:
-        parts.append(_mistakes(explainer, split.images, ev["worst_mistakes"][:MISTAKES], png_tag, figure_png))
+        parts.append(_mistakes(explainer, split.images, ev["worst_mistakes"][:MISTAKES], embed))
     return TITLE + "".join(parts)
 
 
-def _mistakes(explainer, images: torch.Tensor, mistakes: list[dict], png_tag, figure_png) -> str:
+def _mistakes(explainer, images: torch.Tensor, mistakes: list[dict], embed: Callable[[object, str], str]) -> str:
     if not mistakes:
         return "<p class=muted>no mistakes to show</p>"
     maps = [explain_tensor(explainer, images[m["index"]], ("gradcam",), channels=1) for m in mistakes]
     titles = [f"{m['true']}->{explainer.info.classes[int(a['target'])]}" for m, a in zip(mistakes, maps)]
     figure = draw_mistake_maps(np.stack([a["image"] for a in maps]), np.stack([a["attr:gradcam"] for a in maps]),
                                titles)
-    return f"<h3>Grad-CAM on the most confident mistakes</h3>{png_tag(figure_png(figure), 'mistakes')}"
+    return f"<h3>Grad-CAM on the most confident mistakes</h3>{embed(figure, 'mistakes')}"

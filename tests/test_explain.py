@@ -13,8 +13,9 @@ from PIL import Image
 from torch import nn
 
 from cifarlab.cli import main
-from cifarlab.explain import CHANNELS_SHOWN, POOL_TYPES, attribute, deletion_curve, explain_tensor, open_explainer
-from cifarlab.kernels import kernel_arrays, top_patches
+from cifarlab.explain import (CHANNELS_SHOWN, POOL_TYPES, attribute, deletion_curve, explain_tensor, kernel_arrays,
+                              open_explainer)
+from cifarlab.kernels import top_patches
 from cifarlab.models import create_model, model_names
 from cifarlab.predict import read_images
 from cifarlab.rundir import ModelInfo, save_model

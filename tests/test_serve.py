@@ -90,7 +90,8 @@ def test_an_upload_gets_top5_gradcam_and_feature_maps(server) -> None:
     httpd, root = server
     status, body = _request(httpd, "/explain", _real_jpeg(root))
     result = json.loads(body)
-    assert status == 200 and len(result["topk"]) == 5 and result["layer"] == httpd.explainer.default_layer == "feature_extractor.10"
+    assert status == 200 and len(result["topk"]) == 5
+    assert result["layer"] == httpd.explainer.default_layer == "feature_extractor.10"
     assert abs(sum(t["probability"] for t in result["topk"]) - 1) < 0.5  # 5 of 10 classes: most of the mass
     assert result["gradcam"].startswith("data:image/png;base64,") and len(result["layers"]) == 7
     assert result["layers"][0]["label"] == "feature_extractor.0 (Conv2d) 32x32x32"
