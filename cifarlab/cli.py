@@ -24,6 +24,8 @@ EPILOG = """examples:
   cifarlab train --config runs/first --channels-last   # run it again, one setting changed
   cifarlab predict runs/first photo.jpg --json
   cifarlab export runs/first --format onnx
+  cifarlab explain runs/first photo.jpg --out runs/first/explain
+  cifarlab serve runs/first --port 8000
 """
 
 
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="DIR", help="write eval.json, confusion_matrix.png, reliability.png and "
                                                        "worst_mistakes.png there")
     _add_inspection_commands(commands)
+    _add_explain_commands(commands)
     commands.add_parser("models", help="list the registered models with parameters and forward FLOPs",
                         description="Every name --model accepts, with its parameter count and forward MFLOPs "
                                     "per 32x32 image (a multiply-add counts as 2 FLOPs).")
@@ -172,6 +175,31 @@ def _add_inspection_commands(commands) -> None:
     finder.add_argument("--start-lr", type=float, default=1e-7)
     finder.add_argument("--end-lr", type=float, default=10.0)
     finder.add_argument("--out", metavar="FILE", default="lr_find.png", help="the plot (default: lr_find.png)")
+
+
+def _add_explain_commands(commands) -> None:
+    """explain and serve: what the network sees."""
+    explain = commands.add_parser("explain", help="what the network sees: top-5, feature maps, where it looks",
+                                  description="For each image: the top-5 classes, the feature maps after every "
+                                              "convolution and pooling layer, and attribution maps over the image; "
+                                              "numbers in an .npz beside the pictures drawn from them, and the "
+                                              "first layer's filters (kernels.png).")
+    explain.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    explain.add_argument("images", metavar="IMAGE", nargs="+")
+    explain.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/explain)")
+    explain.add_argument("--method", action="append", choices=["gradcam", "ig", "occlusion"],
+                         help="attribution map, repeatable (default: gradcam and ig, Integrated Gradients)")
+    explain.add_argument("--layer", metavar="NAME", help="conv or pooling layer for Grad-CAM (default: the last "
+                                                         "convolution, after the pooling that follows it, if any)")
+    explain.add_argument("--json", action="store_true", help="print a JSON list: {path, label, probability, "
+                                                             "topk, gradcam_layer, files} per image")
+
+    serve = commands.add_parser("serve", help="a local page: drop an image, see top-5, Grad-CAM and feature maps",
+                                description="Serve a page where an image dropped or picked is explained by the "
+                                            "run's model (top-5, Grad-CAM overlay, feature maps). Ctrl-C stops.")
+    serve.add_argument("model", metavar="RUN_DIR_OR_CHECKPOINT")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000 (0: any free port)")
 
 
 def _apply_flags(config: TrainConfig, overrides: dict) -> TrainConfig:
@@ -260,6 +288,22 @@ def _predict_command(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
 
 
+def _explain_command(args: argparse.Namespace) -> None:
+    from cifarlab.explain import DEFAULT_METHODS, explain_files, format_explanations
+    from cifarlab.rundir import resolve_model_path
+
+    out = Path(args.out) if args.out else resolve_model_path(Path(args.model)).parent / "explain"
+    results = explain_files(Path(args.model), [Path(p) for p in args.images], out,
+                            tuple(args.method or DEFAULT_METHODS), args.layer)
+    print(json.dumps(results, indent=2) if args.json else format_explanations(results))
+
+
+def _serve_command(args: argparse.Namespace) -> None:
+    from cifarlab.serve import serve
+
+    serve(Path(args.model), args.host, args.port)
+
+
 def _export_command(args: argparse.Namespace) -> None:
     from cifarlab.export import export_model
 
@@ -291,7 +335,8 @@ def _models_command(args: argparse.Namespace) -> None:
 
 COMMANDS = {"models": _models_command, "train": _train_command, "eval": _eval_command, "report": _report_command,
             "compare": _compare_command, "runs": _runs_command, "predict": _predict_command,
-            "export": _export_command, "lr-find": _lr_find_command}
+            "export": _export_command, "explain": _explain_command,
+            "serve": _serve_command, "lr-find": _lr_find_command}
 
 
 def main(argv: list[str] | None = None) -> int:

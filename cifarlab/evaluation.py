@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from cifarlab.config import TrainConfig
-from cifarlab.data import DataBundle, TensorLoader, load_data
+from cifarlab.data import DataBundle, ImageSet, TensorLoader, load_data
 from cifarlab.device import autocast_dtype, open_device
 from cifarlab.engine import evaluate
 from cifarlab.errors import CifarlabError
@@ -107,4 +107,11 @@ def write_eval_views(out_dir: Path, result: EvalResult, classes: list[str], extr
 def run_images(config: dict, split: str) -> torch.Tensor:
     """The images of a run's `split` (uint8), from its own source split as in training: the tiles of
     worst_mistakes.png when `report` draws it from eval.json."""
-    return _run_source(config, None, None, config.get("image_size", 32)).split(split).images
+    return run_split(config, split).images
+
+
+def run_split(config: dict, split: str | None = None) -> ImageSet:
+    """A run's `split` (images and labels; None: the split it reported on) from its own source, split as
+    in training."""
+    bundle = _run_source(config, None, None, config.get("image_size", 32))
+    return bundle.split(split or bundle.eval_split or "train")

@@ -176,8 +176,15 @@ def _layers_section(run: dict) -> str:
                    for title, figure in layer_figures(run["dir"]))
 
 
+def _explain_section(run: dict) -> str:
+    from cifarlab.report_explain import explain_section  # its own module: kernels, feature maps, Grad-CAM
+
+    return explain_section(run, lambda figure, alt: png_tag(figure_png(figure), alt))
+
+
 # the headline, the curves and the confusion matrix first; details and the full config last
-SECTIONS = [_headline_section, _curves_section, _eval_section, _gap_section, _layers_section, _details_section]
+SECTIONS = [_headline_section, _curves_section, _eval_section, _gap_section, _explain_section, _layers_section,
+            _details_section]
 
 
 def load_run(run_dir: Path) -> dict:

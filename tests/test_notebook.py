@@ -31,6 +31,7 @@ def test_the_notebook_executes(shared_images: Path, monkeypatch: pytest.MonkeyPa
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert "narrow" in text and "wide" in text  # the comparison table of the two channel widths
     assert "plain56: training error" in text and "resnet56: training error" in text  # the depth experiment ran
-    # the curves (loss and accuracy), confusion matrix, mistakes, reliability, gap, the two runs compared,
-    # plain against residual nets
-    assert len(pictures) == 7
+    # the curves (loss and accuracy), kernels, feature maps, Grad-CAM, confusion matrix, mistakes, reliability,
+    # gap, the two runs compared, plain against residual nets
+    assert len(pictures) == 10
+    assert "Grad-CAM" in "".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")

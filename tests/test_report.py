@@ -92,13 +92,14 @@ def test_report_is_one_self_contained_file(run_dir: Path, capsys) -> None:
     for text in ("Timing and throughput", "Full config", "Learning curves", "Generalisation gap", "Confusion matrix",
                  "Calibration", "Most confident mistakes", "throughput", "expected calibration error"):
         assert text in page
-    assert page.count("<img ") == 5  # curves, gap, confusion matrix, reliability, worst mistakes
+    # curves, gap, confusion matrix, reliability, worst mistakes; and 5 of "What the network sees" (test_report_explain)
+    assert page.count("<img ") == 10
 
 
 def test_report_draws_the_views_train_left_as_numbers(run_dir: Path, tmp_path: Path) -> None:
     """From eval.json, and the worst mistakes from the run's own images; without those, a note instead."""
     assert main(["report", str(run_dir), "--out", str(tmp_path / "drawn.html")]) == 0
-    assert (tmp_path / "drawn.html").read_text().count("<img ") == 5
+    assert (tmp_path / "drawn.html").read_text().count("<img ") == 10
     copy = tmp_path / "moved"
     shutil.copytree(run_dir, copy)
     config = json.loads((copy / "config.json").read_text())
@@ -106,7 +107,7 @@ def test_report_draws_the_views_train_left_as_numbers(run_dir: Path, tmp_path: P
     (copy / "config.json").write_text(json.dumps(config))
     assert main(["report", str(copy)]) == 0
     page = (copy / "report.html").read_text()
-    assert page.count("<img ") == 4 and "not drawn: " in page and "gone" in page
+    assert page.count("<img ") == 5 and "not drawn: " in page and "gone" in page  # 4 + the first-layer filters
 
 
 def drawn_report(run_dir: Path, monkeypatch) -> dict[str, object]:
@@ -229,7 +230,7 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     # the page's script titles it loaded:N/M once loaded: N images decoded with a real size, of M
     dom = _headless(chromium, tmp_path / "profile-dom", "--dump-dom", url)
     title = re.search(r"<title>(.*?)</title>", dom.stdout)
-    assert title and title.group(1) == "loaded:5/5", (title, dom.stderr[-2000:])
+    assert title and title.group(1) == "loaded:10/10", (title, dom.stderr[-2000:])
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]  # errors, CSP refusals, logs
     assert console == []
 
