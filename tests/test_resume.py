@@ -128,7 +128,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 # --- exact resume ----------------------------------------------------------------------------------
 
 def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path: Path, image_folder_writer) -> None:
-    """The issue's proof: an uninterrupted run and a run killed -9 mid-run and resumed end identical."""
+    """An uninterrupted run and a run killed -9 mid-run and resumed end identical."""
     root = tmp_path / "images"
     image_folder_writer(root, {name: 40 for name in ("a", "b", "c")})  # 96 train / 24 val: 12 steps per epoch
     args = ["--data", str(root), "--epochs", "3", "--batch-size", "8", "--val-split", "24", "--seed", "5",
