@@ -2,7 +2,8 @@
 
 One process builds the seed recipe's run on the shared CIFAR-10 images, then times spans of --span steps
 (a multiple of the cadence, so each span holds span / cadence recordings), alternating off and on,
---repeats of each; the cost is the median span on over the median span off, minus one. Training steps
+--repeats of each; the cost is the median span on over the median span off, minus one (and the same
+from the fastest spans, which other jobs on a shared machine disturb least). Training steps
 are the seed recipe's whole epoch but its evaluation, so this is (at most) the share of its epoch time:
 
     flock /tmp/cifarlab-bench.lock python benchmarks/layer_stats_cost.py
@@ -80,6 +81,8 @@ def main() -> None:
     print(f"cost: {100 * (recorded / base - 1):+.1f}% of the training time "
           f"({1000 * (recorded - base) / (args.span // every):.0f} ms per recording; an epoch of "
           f"{steps_per_epoch} steps takes about {base * steps_per_epoch / args.span:.0f} s here)")
+    # other jobs on a shared machine only ever slow a span down: the fastest spans are the least disturbed
+    print(f"fastest spans: {100 * (min(on) / min(off) - 1):+.1f}% ({min(off):.2f} s off, {min(on):.2f} s on)")
 
 
 if __name__ == "__main__":
