@@ -15,17 +15,16 @@ from cifarlab.config import RECIPES, TrainConfig, flag_name, load_config, recipe
 from cifarlab.errors import INTERRUPTED_STATUS, CifarlabError, RunInterrupted
 
 EPILOG = """examples:
-  cifarlab train --data ../shared/data/cifar10-jpeg-train.tar.gz --recipe seed
-  cifarlab train --dataset cifar10 --epochs 5 --out runs/first
+  cifarlab train --recipe fast75 --out runs/first      # downloads CIFAR-10 once, trains in seconds on a CPU
+  cifarlab train --data photos/ --epochs 5               # a folder of class folders (or an archive of one)
   cifarlab eval runs/first --json
-  cifarlab eval runs/first --tta 2 --out runs/first/eval
   cifarlab report runs/first
+  cifarlab explain runs/first photo.jpg --out seen      # feature maps and Grad-CAM of one image
+  cifarlab serve runs/first                             # a local page to try the model
   cifarlab compare runs/first runs/second --out comparison
-  cifarlab train --config runs/first --channels-last   # run it again, one setting changed
+  cifarlab train --config runs/first --channels-last    # run it again, one setting changed
   cifarlab predict runs/first photo.jpg --json
   cifarlab export runs/first --format onnx
-  cifarlab explain runs/first photo.jpg --out runs/first/explain
-  cifarlab serve runs/first --port 8000
 """
 
 
