@@ -38,18 +38,19 @@ def most_confused(matrix: list[list[int]]) -> tuple[int, int]:
     return int(true), int(predicted)
 
 
-def right_and_wrong(explainer, images: torch.Tensor, labels: torch.Tensor, pair: tuple[int, int]) -> list[int]:
-    """Indices of the most confident right answer for the pair's true class and of its most confident
-    confusion with the other class (either may be missing)."""
+def right_and_wrong(explainer, images: torch.Tensor, labels: torch.Tensor,
+                    pair: tuple[int, int]) -> list[tuple[str, int]]:
+    """("right", index) of the most confident right answer for the pair's true class and ("wrong", index)
+    of its most confident confusion with the other class (either may be missing)."""
     true, predicted = pair
     index = torch.nonzero(labels == true).flatten()
     with torch.no_grad():
         probabilities = explainer.model(explainer.normalise(images[index])).float().softmax(dim=1)
     chosen = []
-    for cls in (true, predicted):
+    for which, cls in (("right", true), ("wrong", predicted)):
         hits = torch.nonzero(probabilities.argmax(dim=1) == cls).flatten()
         if len(hits):
-            chosen.append(int(index[hits[probabilities[hits, cls].argmax()]]))
+            chosen.append((which, int(index[hits[probabilities[hits, cls].argmax()]])))
     return chosen
 
 
@@ -75,10 +76,11 @@ def explain_section(run: dict, embed: Callable[[object, str], str]) -> str:
     parts.append(f"<h3>Feature maps: {html.escape(names[pair[0]])} taken for {html.escape(names[pair[1]])}, "
                  "the most frequent confusion</h3><p>The most confident right answer for the true class, then "
                  "the most confident mistake of the pair.</p>")
-    for index in right_and_wrong(explainer, split.images, split.labels, pair):
+    for which, index in right_and_wrong(explainer, split.images, split.labels, pair):
         arrays = explain_tensor(explainer, split.images[index], methods)
-        pictures = [draw_feature_maps(arrays)] + ([draw_attributions(arrays)] if captum else [])
-        parts.append("<div class=row>" + "".join(embed(p, "feature maps") for p in pictures) + "</div>")
+        pictures = [(draw_feature_maps(arrays), f"feature maps, {which}")]
+        pictures += [(draw_attributions(arrays), f"Grad-CAM, {which}")] if captum else []
+        parts.append("<div class=row>" + "".join(embed(p, alt) for p, alt in pictures) + "</div>")
     if not captum:
         parts.append(f"<p class=muted>Grad-CAM maps not drawn: they need the captum package ({INSTALL_HINT})</p>")
     else:
