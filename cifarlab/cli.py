@@ -16,7 +16,7 @@ from cifarlab.errors import INTERRUPTED_STATUS, CifarlabError, RunInterrupted
 
 EPILOG = """examples:
   cifarlab train --recipe fast75 --out runs/first      # downloads CIFAR-10 once, trains in seconds on a CPU
-  cifarlab train --data photos/ --epochs 5               # a folder of class folders (or an archive of one)
+  cifarlab train --data photos/ --epochs 5              # a folder of class folders (or an archive of one)
   cifarlab eval runs/first --json
   cifarlab report runs/first
   cifarlab explain runs/first photo.jpg --out seen      # feature maps and Grad-CAM of one image
