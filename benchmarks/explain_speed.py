@@ -1,8 +1,10 @@
 """Seconds `cifarlab explain` takes for one image, start-up (imports) excluded, and the round-trip of
 one upload to `cifarlab serve`: for the seed CNN (the seed recipe's model arguments) and fast_net at
-64/256/256 (airbench94's widths). The target is 1 s each on 2 CPU cores.
+64/256/256 (airbench94's widths). The target is 1 s each on 2 CPU cores. With --report RUN_DIR (a
+finished run, for example of `--recipe fast75`) it also times each section of `cifarlab report` for that
+run: the "What the network sees" section's target is 10 s.
 
-    flock /tmp/cifarlab-bench.lock python benchmarks/explain_speed.py --repeat 7
+    flock /tmp/cifarlab-bench.lock python benchmarks/explain_speed.py --repeat 7 --report runs/fast75
 
 Each figure is the median of --repeat runs (the first, which warms the caches, is left out). explain
 loads the model, computes the top-5, feature maps, Grad-CAM and Integrated Gradients, writes the .npz
@@ -26,6 +28,7 @@ from PIL import Image
 from cifarlab.config import recipe
 from cifarlab.explain import explain_files
 from cifarlab.models import create_model
+from cifarlab.report import SECTIONS, load_run
 from cifarlab.rundir import ModelInfo, save_model
 from cifarlab.serve import ExplainServer
 
@@ -71,9 +74,21 @@ def time_serve(run: Path, image: Path, repeat: int) -> list[float]:
     return seconds
 
 
+def time_report(run_dir: Path, repeat: int) -> dict[str, list[float]]:
+    """Seconds each of `cifarlab report`'s sections takes to render for run_dir, pictures included."""
+    run, seconds = load_run(run_dir), {section.__name__.strip("_"): [] for section in SECTIONS}
+    for _ in range(repeat + 1):
+        for section in SECTIONS:
+            started = time.perf_counter()
+            section(run)
+            seconds[section.__name__.strip("_")].append(time.perf_counter() - started)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--report", type=Path, metavar="RUN_DIR", help="also time each report section for this run")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32")
     with tempfile.TemporaryDirectory() as folder:
@@ -84,6 +99,11 @@ def main() -> None:
             run = _run_dir(root, name, model_args)
             print(f"{label:<20}  explain {_median(time_explain(run, image, root / 'out', args.repeat))}"
                   f"   serve round-trip {_median(time_serve(run, image, args.repeat))}", flush=True)
+    if args.report:
+        sections = time_report(args.report, args.repeat)
+        for name, seconds in sections.items():
+            print(f"report {name:<22}  {_median(seconds)}")
+        print(f"report, all sections    {statistics.median(list(map(sum, zip(*sections.values())))[1:]):.3f} s (median)")
 
 
 if __name__ == "__main__":
