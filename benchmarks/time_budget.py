@@ -2,9 +2,11 @@
 
 Each run is the whole command in a fresh process (warm data cache); the budget covers training and
 the final evaluation, as `--time-budget` promises. Prints one table and draws accuracy against
-seconds, one line per recipe:
+seconds, one line per recipe. The recipe `auto` names none: `--time-budget` then picks it (cifarlab.pick),
+and the row says which it picked:
 
     python benchmarks/time_budget.py --recipes fast75 seed --budgets 30 60 120 300 --plot docs/time_budget.png
+    python benchmarks/time_budget.py --recipes auto --budgets 10 30 60 180
 """
 from __future__ import annotations
 
@@ -20,20 +22,23 @@ import torch
 
 from cifarlab.config import recipe
 from cifarlab.data import load_data
-from cifarlab.tuning import describe_cpu, resolve_auto
+from cifarlab.pick import CANDIDATES, pick_recipe
+from cifarlab.tuning import describe_cpu, resolve_auto, training_speed
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
 
 def run_once(name: str, budget: float, out: Path) -> dict:
-    command = [sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--recipe", name,
-               "--time-budget", str(budget), "--out", str(out)]
+    command = [sys.executable, "-m", "cifarlab", "train", "--data", str(DATA), "--time-budget", str(budget),
+               "--out", str(out), *(["--recipe", name] if name != "auto" else [])]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text())
     tta = summary["tta"]["accuracy"] if summary.get("tta") else None
-    return {"recipe": name, "budget": budget, "accuracy": tta if tta is not None else summary["accuracy"],
+    picked = json.loads((out / "config.json").read_text())["recipe"]
+    return {"recipe": name, "picked": picked, "budget": budget,
+            "accuracy": tta if tta is not None else summary["accuracy"],
             "plain": summary["accuracy"], "used": summary["time_budget"]["used_seconds"],
             "steps": summary["time_budget"]["steps"], "wall": wall, "precision": summary["precision"],
             "channels_last": summary.get("channels_last")}
@@ -70,22 +75,26 @@ def main() -> None:
     args = parser.parse_args()
     load_data(str(DATA))  # warms the data cache (decoding is a one-off), not timed
     for name in args.recipes:  # and the once-per-machine precision/layout timing
-        resolve_auto(recipe(name), torch.device("cpu"), 10)
+        if name == "auto":  # the speeds the pick needs, up to the longest budget
+            pick_recipe(max(args.budgets), {n: recipe(n) for n in CANDIDATES}, lambda c: training_speed(c, 10))
+        else:
+            resolve_auto(recipe(name), torch.device("cpu"), 10)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.recipes:
             for budget in args.budgets:
                 rows.append(run_once(name, budget, Path(tmp) / f"{name}-{budget:g}"))
                 r = rows[-1]
-                print(f"  {name} {budget:g}s: {100 * r['accuracy']:.2f}% ({r['steps']} steps, "
+                print(f"  {name} ({r['picked']}) {budget:g}s: {100 * r['accuracy']:.2f}% ({r['steps']} steps, "
                       f"{r['used']:.1f}s used, {r['wall']:.1f}s whole command)", flush=True)
-    layouts = sorted({f"{r['recipe']}: {r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}"
+    layouts = sorted({f"{r['picked']}: {r['precision']}, {'channels_last' if r['channels_last'] else 'NCHW'}"
                       for r in rows})
     print(f"\nmachine: {describe_cpu()}; measured choices: {'; '.join(layouts)}")
     print("| recipe | budget s | accuracy (TTA) | plain | steps | training + evaluation s | whole command s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['budget']:g} | {100 * r['accuracy']:.2f}% | {100 * r['plain']:.2f}% | "
+        label = r["recipe"] if r["recipe"] == r["picked"] else f"{r['recipe']} ({r['picked']})"
+        print(f"| {label} | {r['budget']:g} | {100 * r['accuracy']:.2f}% | {100 * r['plain']:.2f}% | "
               f"{r['steps']} | {r['used']:.1f} | {r['wall']:.1f} |")
     if args.plot:
         draw(rows, args.plot)

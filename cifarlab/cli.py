@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(train)
     base = train.add_mutually_exclusive_group()
     base.add_argument("--recipe", help=f"named settings to start from: {', '.join(sorted(RECIPES))} "
-                                       "(default: seed)")
+                                       "(default: seed; with --time-budget and no --model, the one "
+                                       "expected to be most accurate in the budget on this CPU)")
     base.add_argument("--config", metavar="RUN_DIR_OR_JSON",
                       help="start from a run's config.json (or its run folder) to run it again; flags override")
     train.add_argument("--out", metavar="DIR", help="run folder to create (default: a new folder under runs/)")
@@ -214,11 +215,21 @@ def _apply_flags(config: TrainConfig, overrides: dict) -> TrainConfig:
     return dataclasses.replace(config, **overrides)
 
 
+def _default_recipe(args: argparse.Namespace, overrides: dict) -> str:
+    """seed, or with --time-budget (and no --model) the recipe expected to be most accurate in it here."""
+    if not overrides.get("time_budget") or "model" in overrides or args.resume is not None:
+        return "seed"
+    from cifarlab.pick import CANDIDATES, recipe_for_budget
+
+    return recipe_for_budget(overrides["time_budget"], {name: _apply_flags(recipe(name), overrides)
+                                                        for name in CANDIDATES})
+
+
 def _train_command(args: argparse.Namespace) -> None:
     from cifarlab.trainer import run_training
 
-    config = load_config(Path(args.config)) if args.config else recipe(args.recipe or "seed")
     overrides = config_overrides(args)
+    config = load_config(Path(args.config)) if args.config else recipe(args.recipe or _default_recipe(args, overrides))
     if args.resume is not None:
         given = [flag_name(name) for name in [*overrides, *(["recipe"] if args.recipe else []),
                                               *(["config"] if args.config else []), *(["out"] if args.out else [])]]

@@ -66,6 +66,19 @@ def resolve_auto(config: TrainConfig, device: torch.device, num_classes: int) ->
     return dataclasses.replace(config, precision=precision, channels_last=layout == "channels_last"), note
 
 
+def training_speed(config: TrainConfig, num_classes: int) -> float:
+    """Training images/s of the config's model on this CPU in the precision and layout it would train in
+    (measured once and cached, as resolve_auto measures them)."""
+    config, _ = resolve_auto(config, torch.device("cpu"), num_classes)
+    table = _read_table()
+    measured = table.setdefault(_key(config, num_classes), {})
+    name = f"{config.precision}/{'channels_last' if config.channels_last else 'nchw'}"
+    if name not in measured:  # the precision and layout came from the flags: nothing was timed yet
+        measured[name] = _images_per_second(config, num_classes, config.precision, config.channels_last)
+        _write_table(table)
+    return measured[name]
+
+
 def _key(config: TrainConfig, num_classes: int) -> str:
     """What the timing depends on: this CPU (model name and instruction set), threads, torch, the model
     and its input size, and the batch size."""
