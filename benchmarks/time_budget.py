@@ -22,8 +22,8 @@ import torch
 
 from cifarlab.config import recipe
 from cifarlab.data import load_data
-from cifarlab.pick import CANDIDATES, pick_recipe
-from cifarlab.tuning import describe_cpu, resolve_auto, training_speed
+from cifarlab.pick import CANDIDATES, cpu_speed, pick_recipe
+from cifarlab.tuning import describe_cpu, resolve_auto
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 
@@ -76,7 +76,7 @@ def main() -> None:
     load_data(str(DATA))  # warms the data cache (decoding is a one-off), not timed
     for name in args.recipes:  # and the once-per-machine precision/layout timing
         if name == "auto":  # the speeds the pick needs, up to the longest budget
-            pick_recipe(max(args.budgets), {n: recipe(n) for n in CANDIDATES}, lambda c: training_speed(c, 10))
+            pick_recipe(max(args.budgets), {n: recipe(n) for n in CANDIDATES}, cpu_speed)
         else:
             resolve_auto(recipe(name), torch.device("cpu"), 10)
     rows = []

@@ -90,25 +90,30 @@ def pick_recipe(budget: float, configs: dict[str, TrainConfig],
     candidates are timed from the cheapest network up, each only if it could fit."""
     flops = {name: forward_flops(config) for name, config in configs.items()}
     order = sorted(configs, key=flops.get)
-    reference = order[0]
-    reference_speed = measure(configs[reference])
+    reference = order[0]  # the cheapest network, always timed: the others' FLOP-scaled ceilings start from it
+    speeds = {reference: measure(configs[reference])}
     choices = []
     for name in order:
         config = configs[name]
-        if name != reference:
-            ceiling = EFFICIENCY_SLACK * reference_speed * flops[reference] / flops[name]
+        if name not in speeds:
+            ceiling = EFFICIENCY_SLACK * speeds[reference] * flops[reference] / flops[name]
             if epochs_in_budget(config, budget, ceiling) < CURVES[name][0][0]:
                 choices.append(Choice(name, None, None, None))
                 continue
-        speed = reference_speed if name == reference else measure(config)
-        epochs = epochs_in_budget(config, budget, speed)
-        choices.append(Choice(name, speed, epochs, expected_accuracy(CURVES[name], epochs)))
+            speeds[name] = measure(config)
+        epochs = epochs_in_budget(config, budget, speeds[name])
+        choices.append(Choice(name, speeds[name], epochs, expected_accuracy(CURVES[name], epochs)))
     ranked = [c for c in choices if c.accuracy is not None]
     best = max(ranked, key=lambda c: c.accuracy).recipe if ranked else reference
     return best, choices
 
 
 CANDIDATES = ("fast75", "fast85", "fast94", "fast95", "fast96")
+
+
+def cpu_speed(config: TrainConfig) -> float:
+    """The candidate's training images/s on this CPU (CIFAR-10's 10 classes, as CURVES were measured)."""
+    return training_speed(config, 10)
 
 
 def recipe_for_budget(budget: float, configs: dict[str, TrainConfig]) -> str:
@@ -118,7 +123,7 @@ def recipe_for_budget(budget: float, configs: dict[str, TrainConfig]) -> str:
     if device.type != "cpu" or env_info().world > 1:
         raise CifarlabError(f"--time-budget {budget:g} without --recipe: the recipe is picked from step times "
                             "measured on a CPU in one process; here name it (for example --recipe fast94)")
-    name, choices = pick_recipe(budget, configs, lambda config: training_speed(config, 10))
+    name, choices = pick_recipe(budget, configs, cpu_speed)
     print(f"--time-budget {budget:g} without --recipe: picked {name}; expected here: "
           + "; ".join(choice.describe() for choice in choices))
     return name
