@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from cifarlab.build import Run, make_scheduler
+from cifarlab.build import Run, make_scheduler, step_costs
 from cifarlab.config import TrainConfig
 from cifarlab.distributed import broadcast_object
 from cifarlab.errors import CifarlabError
@@ -30,6 +30,12 @@ MIN_EPOCH_SHARE = 0.25  # the least useful run: a quarter of the training images
 # once, runs of 120 and 300 s overran by 3 and 5%; planned again only at epoch ends, a 30 s run of the
 # seed recipe, under one epoch, overran by 7%)
 REPLAN_SHARE = 0.1
+
+
+def eval_passes(config: TrainConfig) -> float:
+    """Passes over the evaluation split at the end, in plain-view units: the plain one, then the other TTA
+    views for --tta-share of the images."""
+    return 1 + (TTA_PASSES[config.tta] - 1) * config.tta_share
 
 
 class TimeBudget:
@@ -56,21 +62,25 @@ class TimeBudget:
             # the mean, not the median: occasional slow steps (the collector, a noisy neighbour) are part of
             # the throughput the rest of the run will see (with 8 steps and the median, plans missed by
             # -11%..+4%)
-            plan = self._plan(self.done, (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1))
+            # in seconds of a full-size step: under --progressive-resize the first steps are smaller ones
+            timed = step_costs(self.config, len(self.run.train_loader), 1, self.done)
+            plan = self._plan(self.done, (self.stamps[-1] - self.stamps[0]) / timed)
         elif self.done == self.next_check and self.done < self.config.max_steps:
             loss.item()
-            plan = self._plan(self.done, (time.perf_counter() - self.started) / self.done, tolerance=0.01)
+            timed = step_costs(self.config, len(self.run.train_loader), 0, self.done)
+            plan = self._plan(self.done, (time.perf_counter() - self.started) / timed, tolerance=0.01)
         else:
             return None
         self.next_check = self.done + max(1, int(REPLAN_SHARE * self.config.max_steps))
         return plan
 
     def _plan(self, done: int, step_seconds: float, tolerance: float = 0.0) -> TrainConfig | None:
+        """The run's length after `done` steps, from `step_seconds` a full-size step."""
         config, steps_per_epoch = self.config, len(self.run.train_loader)
         # under torchrun every rank plans from rank 0's clock, so all make the same decision
         step_seconds, used = broadcast_object((step_seconds, time.perf_counter() - self.started))
-        eval_seconds = self.eval_images * step_seconds / config.batch_size * FORWARD_SHARE * TTA_PASSES[config.tta]
-        steps = done + max(int(SAFETY * (config.time_budget - used - eval_seconds) / step_seconds), 0)
+        eval_seconds = self.eval_images * step_seconds / config.batch_size * FORWARD_SHARE * eval_passes(config)
+        steps = self._steps_for(done, max(SAFETY * (config.time_budget - used - eval_seconds) / step_seconds, 0))
         least = max(done + 1, math.ceil(MIN_EPOCH_SHARE * steps_per_epoch))
         if not config.max_steps and steps < least:
             need = used + eval_seconds + (least - done) * step_seconds / SAFETY
@@ -91,3 +101,13 @@ class TimeBudget:
         print(f"time budget {config.time_budget:g} s: {step_seconds * 1000:.1f} ms a step, so {steps} steps "
               f"({steps / steps_per_epoch:.2f} epochs) and about {eval_seconds:.1f} s of final evaluation")
         return planned
+
+    def _steps_for(self, done: int, full_steps: float) -> int:
+        """The run's length when the steps after `done` may cost `full_steps` full-size steps. Under
+        --progressive-resize the sizes follow the length, so the length is found in a few rounds."""
+        config, steps_per_epoch, steps = self.config, len(self.run.train_loader), done + int(full_steps)
+        for _ in range(4 if config.progressive_resize else 0):
+            planned = dataclasses.replace(config, max_steps=max(steps, done + 1))
+            mean = step_costs(planned, steps_per_epoch, done, planned.max_steps) / (planned.max_steps - done)
+            steps = done + int(full_steps / mean)
+        return steps

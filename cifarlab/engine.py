@@ -10,6 +10,7 @@ end in log-softmax (NLL, as the notebook) and models that return logits.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -101,16 +102,9 @@ def _shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
 
 
-def tta_log_probs(model: nn.Module, images: torch.Tensor, tta: int = 0,
-                  plain: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-probabilities averaged over test-time views, as airbench does it.
-
-    tta 0: the image alone. 1: the image and its mirror. 2: those two plus both shifted one pixel
-    up-left and down-right (6 views; the unshifted pair weighs half, as in airbench). `plain`: the
-    image alone's probabilities, already computed (the last epoch's evaluation), not computed again.
-    """
-    if tta == 0:
-        return model(images).float().log_softmax(dim=1)
+def _view_probs(model: nn.Module, images: torch.Tensor, tta: int, plain: torch.Tensor | None) -> torch.Tensor:
+    """Probabilities averaged over the test-time views of `images` (the image and its mirror; at tta 2
+    both also shifted one pixel up-left and down-right, the unshifted pair weighing half, as airbench)."""
     views = [images, images.flip(-1)]
     weights = [1.0] * len(views)
     if tta >= 2:
@@ -119,13 +113,34 @@ def tta_log_probs(model: nn.Module, images: torch.Tensor, tta: int = 0,
         weights = [0.25, 0.25] + [0.125] * 4
     probs = sum(w * (plain if i == 0 and plain is not None else model(v).float().softmax(dim=1))
                 for i, (w, v) in enumerate(zip(weights, views)))
-    return (probs / sum(weights)).clamp_min(1e-12).log()
+    return probs / sum(weights)
+
+
+def tta_log_probs(model: nn.Module, images: torch.Tensor, tta: int = 0, plain: torch.Tensor | None = None,
+                  share: float = 1.0) -> torch.Tensor:
+    """Log-probabilities averaged over test-time views (`_view_probs`); tta 0: the image alone.
+
+    `plain`: the image alone's probabilities, already computed (the last epoch's evaluation), not computed
+    again. `share` < 1: only that share of the batch, the least confident (lowest top probability in
+    the plain view), gets the other views; the rest keep the plain prediction, which the other views
+    would rarely overturn, for a fraction of the passes."""
+    if tta == 0:
+        return model(images).float().log_softmax(dim=1)
+    if share >= 1:
+        return _view_probs(model, images, tta, plain).clamp_min(1e-12).log()
+    plain = plain if plain is not None else model(images).float().softmax(dim=1)
+    doubtful = plain.amax(dim=1).topk(math.ceil(share * len(images)), largest=False).indices
+    probs = plain.clone()
+    probs[doubtful] = _view_probs(model, images[doubtful], tta, plain[doubtful])
+    return probs.clamp_min(1e-12).log()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             amp_dtype: torch.dtype | None = None, tta: int = 0, plain: EvalResult | None = None) -> EvalResult:
-    """Loss, accuracy and predictions of `model` over `loader` (see `tta_log_probs` for `tta`).
+             amp_dtype: torch.dtype | None = None, tta: int = 0, plain: EvalResult | None = None,
+             tta_share: float = 1.0) -> EvalResult:
+    """Loss, accuracy and predictions of `model` over `loader` (see `tta_log_probs` for `tta` and
+    `tta_share`).
 
     `plain`: this model's evaluation without test-time augmentation over the same loader, whose
     probabilities stand in for the unaugmented view. One host sync, at the end.
@@ -138,7 +153,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
         known = plain.probabilities[seen:seen + len(target)].to(device) if plain is not None and tta else None
         seen += len(target)
         with autocast(device, amp_dtype):
-            output = tta_log_probs(model, data, tta, known)
+            output = tta_log_probs(model, data, tta, known, tta_share)
         loss_sum += F.nll_loss(output, target, reduction="sum")
         outputs.append(output)
         targets.append(target)

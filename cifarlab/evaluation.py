@@ -50,7 +50,8 @@ def evaluate_model(model_path: Path, data: str | None = None, dataset: str | Non
     }
     viewed = result
     if level:
-        viewed = evaluate(model, loader, torch_device, amp_dtype, tta=level, plain=result)
+        viewed = evaluate(model, loader, torch_device, amp_dtype, tta=level, plain=result,
+                          tta_share=info.config.get("tta_share", 1.0))
         report["tta"] = {"views": TTA_VIEWS[level], "accuracy": viewed.accuracy, "loss": viewed.loss,
                          "gain": viewed.accuracy - result.accuracy}
     if out is not None:

@@ -15,15 +15,14 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from cifarlab.budget import FORWARD_SHARE, SAFETY, TTA_PASSES
+from cifarlab.budget import FORWARD_SHARE, SAFETY, eval_passes
+from cifarlab.build import mean_step_cost
 from cifarlab.config import TrainConfig
 from cifarlab.device import pick_device
 from cifarlab.distributed import env_info
 from cifarlab.errors import CifarlabError
 from cifarlab.models import create_model
+from cifarlab.models.catalog import forward_flops
 from cifarlab.tuning import training_speed
 
 TRAIN_IMAGES = 45_000  # CIFAR-10's training images less the default 5,000 held out: what CURVES were measured on
@@ -31,12 +30,14 @@ EVAL_IMAGES = 5_000
 EFFICIENCY_SLACK = 2.0  # a wider net may run up to this much faster per FLOP than the reference (bigger GEMMs)
 # epochs trained -> accuracy (%, with the recipe's TTA) on the validation split. fast75, fast85: the
 # `--time-budget` runs of docs/benchmarks.md (Zen 4 in bf16 and limited to AVX2 pooled; steps x 512 / 45,000;
-# runs of nearly the same length averaged) and their full-length runs; fast94-96: full-length runs on a GPU
+# runs of nearly the same length averaged) and their full-length runs; fast90: its full-length runs on the
+# CPU (median of seeds); fast94-96: full-length runs on a GPU
 CURVES: dict[str, tuple[tuple[float, float], ...]] = {
     "fast75": ((1.81, 76.94), (2.28, 78.52), (3.88, 80.76), (5.10, 81.66), (8.14, 82.56), (10.23, 82.98),
                (16.21, 83.82), (25.82, 84.36), (41.07, 84.66)),
     "fast85": ((0.40, 52.56), (1.15, 76.90), (2.76, 82.94), (5.94, 86.02), (8.00, 86.22), (8.65, 86.52),
                (14.86, 87.68)),
+    "fast90": ((11.0, 89.32),),
     "fast94": ((10.0, 90.26),),
     "fast95": ((15.0, 91.63),),
     "fast96": ((40.0, 93.04),),
@@ -69,18 +70,16 @@ def expected_accuracy(curve: tuple[tuple[float, float], ...], epochs: float) -> 
 
 
 def epochs_in_budget(config: TrainConfig, budget: float, speed: float) -> float:
-    """Epochs of TRAIN_IMAGES that fit: the share of the budget budget.py plans for steps, less the
-    final evaluation's passes (forward only) over EVAL_IMAGES."""
-    eval_seconds = EVAL_IMAGES * FORWARD_SHARE * TTA_PASSES[config.tta] / speed
-    return max(SAFETY * budget - eval_seconds, 0.0) * speed / TRAIN_IMAGES
+    """Epochs of TRAIN_IMAGES that fit at `speed` full-size training images/s: the share of the budget
+    budget.py plans for steps, less the final evaluation's passes (forward only) over EVAL_IMAGES, over
+    the recipe's average step (smaller under --progressive-resize)."""
+    eval_seconds = EVAL_IMAGES * FORWARD_SHARE * eval_passes(config) / speed
+    return max(SAFETY * budget - eval_seconds, 0.0) * speed / (TRAIN_IMAGES * mean_step_cost(config))
 
 
-def forward_flops(config: TrainConfig) -> int:
-    """FLOPs of one 32x32 image's forward pass through the recipe's network."""
-    model = create_model(config.model, **config.builder_args(10)).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, config.image_size, config.image_size))
-    return counter.get_total_flops()
+def recipe_flops(config: TrainConfig) -> int:
+    """FLOPs of one full-size image's forward pass through the recipe's network."""
+    return forward_flops(create_model(config.model, **config.builder_args(10)), config.image_size)
 
 
 def pick_recipe(budget: float, configs: dict[str, TrainConfig],
@@ -88,7 +87,7 @@ def pick_recipe(budget: float, configs: dict[str, TrainConfig],
     """The candidate (name -> its config, the user's flags applied) with the best expected accuracy in
     `budget` seconds, and what was found for each. `measure(config)` is its training images/s here;
     candidates are timed from the cheapest network up, each only if it could fit."""
-    flops = {name: forward_flops(config) for name, config in configs.items()}
+    flops = {name: recipe_flops(config) for name, config in configs.items()}
     order = sorted(configs, key=flops.get)
     reference = order[0]  # the cheapest network, always timed: the others' FLOP-scaled ceilings start from it
     speeds = {reference: measure(configs[reference])}
@@ -108,7 +107,7 @@ def pick_recipe(budget: float, configs: dict[str, TrainConfig],
     return best, choices
 
 
-CANDIDATES = ("fast75", "fast85", "fast94", "fast95", "fast96")
+CANDIDATES = ("fast75", "fast85", "fast90", "fast94", "fast95", "fast96")
 
 
 def cpu_speed(config: TrainConfig) -> float:

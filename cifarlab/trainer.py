@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from cifarlab.budget import TimeBudget
-from cifarlab.build import Run, Runtime, build_run, epoch_count, freeze_whiten_bias, resolve_runtime, total_steps
+from cifarlab.build import (Run, Runtime, build_run, epoch_count, epoch_image_size, freeze_whiten_bias,
+                            resolve_runtime, total_steps)
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataBundle, load_data
 from cifarlab.device import gpu_memory_fraction, keep_freed_memory, limit_gpu_memory, pick_device, set_cpu_threads
@@ -105,7 +106,7 @@ def train_epochs(session: Session, stack: contextlib.ExitStack) -> tuple[History
             sums = (start.sums if epoch == start.epoch else None) or EpochSums.zeros(
                 runtime.device, run.step.optimizer.param_groups[0]["lr"])
             progress.start_epoch(epoch)
-            run.train_loader.set_epoch(epoch)
+            run.train_loader.set_epoch(epoch, epoch_image_size(config, epoch, steps_per_epoch))
             freeze_whiten_bias(run, config, runtime, epoch)
             run.step.model.train()
             for batch in run.train_loader:
@@ -301,7 +302,8 @@ def write_results(session: Session, history: History, last_eval: EvalResult | No
     # what `eval` reports by default); the recipe's headline figure is this one (`eval --tta N`). The
     # unaugmented view is the last evaluation's, not computed again
     tta_started = time.perf_counter()
-    tta = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype, config.tta, last_eval)
+    tta = (evaluate(run.final_model, run.eval_loader, runtime.device, runtime.amp_dtype, config.tta, last_eval,
+                    config.tta_share)
            if config.tta and run.eval_loader is not None else None)
     summary = _summary(session, history, tta, train_seconds, time.perf_counter() - tta_started)
     final = f"{split} accuracy {100 * summary['accuracy']:.2f}%" if summary["accuracy"] is not None else "done"

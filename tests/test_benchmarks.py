@@ -63,3 +63,14 @@ def test_the_learner_baseline_trains_the_notebook_way_until_it_reaches_the_targe
     assert all(acc < 0.9 for acc in reached["curve"][:-1]) and reached["to_75"] > 0
     never = learner.time_to_75(root, max_epochs=2, n_val=20, target=1.01)
     assert never["to_75"] is None and len(never["curve"]) == 2
+
+
+def test_step_sizes_prints_one_row_per_recipe_and_caches_each_size(monkeypatch, capsys, cache_dir: Path) -> None:
+    """The table benchmarks/step_sizes.py prints: a speed per size and the step ratios, largest size 1;
+    the speeds land in the tuner's cache, one entry per size."""
+    monkeypatch.setattr("sys.argv", ["step_sizes.py", "--recipes", "fast75", "--sizes", "16", "32"])
+    _load("step_sizes").main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fast75 |")]
+    assert len(rows) == 1 and rows[0].rstrip(" |").endswith("/ 1.00")
+    table = (cache_dir / "tuning.json").read_text()
+    assert "16px" in table and "32px" in table

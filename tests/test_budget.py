@@ -142,6 +142,31 @@ def test_the_plan_is_revised_as_the_steps_slow_down(images: Path, tmp_path: Path
     assert summary["time_budget"]["used_seconds"] <= 3  # the test's clock: no margin for a noisy machine
 
 
+def test_a_progressively_resized_run_plans_from_its_small_first_steps_without_overrunning(
+        images: Path, tmp_path: Path, monkeypatch, capsys, clock) -> None:
+    """A 16-px step takes 10 ms and a 32-px one 40 ms. Timed on the small first steps alone, a plan would
+    take every step for a 10-ms one and overrun; counted by pixels, the first plan already fits."""
+    import cifarlab.trainer as trainer_module
+
+    real_step = trainer_module.train_step
+
+    def pixel_step(step, batch, *args, **kwargs):
+        clock.spend(0.04 * (batch[0].shape[-1] / 32) ** 2)
+        return real_step(step, batch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", pixel_step)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(images), *TINY, "--model", "resnet20", "--progressive-resize", "16:0.5",
+                 "--time-budget", "3", "--out", str(run)]) == 0
+    plans = [int(line.split(" so ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("time budget")]
+    summary = json.loads((run / "summary.json").read_text())
+    steps, used = summary["time_budget"]["steps"], summary["time_budget"]["used_seconds"]
+    # half the steps at a quarter of the cost: about 0.92 * 3 / (0.625 * 0.04) = 110 steps, not 276
+    assert 95 <= plans[0] <= 125 and abs(steps - plans[0]) <= 0.1 * plans[0]
+    assert 0.8 * 3 <= used <= 3
+
+
 def test_a_budgeted_run_stopped_after_its_plan_resumes_to_the_planned_step(images: Path, tmp_path: Path,
                                                                            monkeypatch, capsys, clock) -> None:
     """Ctrl-C after the plan: the checkpoint holds the plan, and the resumed run trains to its step (no

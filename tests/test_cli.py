@@ -186,7 +186,11 @@ def test_default_run_folders_are_new_each_time(image_root: Path, tmp_path: Path)
     (["train", "--data", "IMAGES", "--model", "cifar_cnn"], "unknown model 'cifar_cnn' (did you mean cifar10_cnn?)"),
     (["eval", "no/such/run"], "no/such/run: no such run folder or checkpoint"),
     (["train", "--data", "IMAGES", "--cuda-graph", "--compile"],
-     "--cuda-graph True: with --compile add --no-cuda-graph"),
+     "--cuda-graph True: records one compiled or one-size model: with --compile or --progressive-resize add"),
+    (["train", "--data", "IMAGES", "--progressive-resize", "24:0.5,16:0.2"],
+     "--progressive-resize 24:0.5,16:0.2: SIZE:SHARE pairs with sizes rising"),
+    (["train", "--data", "IMAGES", "--progressive-resize", "16:0.7,24:0.3"], "shares above 0 adding up to less than 1"),
+    (["train", "--data", "IMAGES", "--tta-share", "0"], "--tta-share 0: must be in (0, 1]"),
 ])
 def test_bad_input_is_one_line_and_status_2(args: list[str], message: str, image_root: Path, tmp_path: Path) -> None:
     args = [str(image_root) if a == "IMAGES" else a for a in args]

@@ -124,3 +124,20 @@ def test_tta_reusing_the_plain_evaluation_matches_computing_it_again() -> None:
         assert torch.allclose(reused.probabilities, again.probabilities, atol=1e-6)
         assert reused.accuracy == again.accuracy and abs(reused.loss - again.loss) < 1e-6
     assert not torch.allclose(evaluate(model, loader, torch.device("cpu"), tta=2).probabilities, plain.probabilities)
+
+
+def test_tta_on_a_share_changes_only_the_least_confident_images() -> None:
+    """--tta-share 0.25: a quarter of each batch, the lowest top probabilities, gets full TTA's
+    probabilities; every other image keeps exactly its plain ones."""
+    model, loader = _model(), _separable_loader(n=200, batch_size=64, shuffle=False)
+    plain = evaluate(model, loader, torch.device("cpu"))
+    full = evaluate(model, loader, torch.device("cpu"), tta=2, plain=plain)
+    part = evaluate(model, loader, torch.device("cpu"), tta=2, plain=plain, tta_share=0.25)
+    chosen = torch.zeros(200, dtype=torch.bool)
+    for start in range(0, 200, 64):
+        confidence = plain.probabilities[start:start + 64].amax(dim=1)
+        chosen[start + confidence.topk(-(-len(confidence) // 4), largest=False).indices] = True
+    assert 0 < chosen.sum() < 200
+    expected = torch.where(chosen[:, None], full.probabilities, plain.probabilities)
+    assert torch.allclose(part.probabilities, expected, atol=1e-6)
+    assert not torch.allclose(part.probabilities, plain.probabilities, atol=1e-6)

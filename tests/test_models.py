@@ -41,6 +41,15 @@ def test_forward_backward(name: str, num_classes: int) -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_builds_for_another_image_size_and_classifies_it(name: str) -> None:
+    """--image-size 40 (a folder of larger images): the models that pool globally ignore the size, the
+    notebook's CNN sizes its classifier for it; each gives one row of logits per 40-px image."""
+    model = create_model(name, num_classes=10, image_size=40).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 40, 40)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_builds_its_network_and_trains_it_one_step(name: str) -> None:
     """The recipe's own model arguments (fast95/fast96's wider blocks, fast96's third conv with its residual)."""

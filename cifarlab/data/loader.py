@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from cifarlab.data.augment import cutout, mix_batch, rand_augment
 from cifarlab.errors import CifarlabError
@@ -133,15 +134,16 @@ class TensorLoader:
         self.shard_log: Path | None = None  # debugging/tests: append each pass's image indices, one line per pass
         # alternating flips: one random bit per image, fixed by the seed (a generator of its own, so the
         # other draws are those of random flips); the epoch's parity flips them all (set_epoch)
-        self.epoch = 1
+        self.epoch, self.size = 1, None
         self.flip_bits = (torch.rand(len(data), generator=torch.Generator(device=device).manual_seed(seed),
                                      device=device) < 0.5
                           if augment is not None and augment.flip and augment.alternate_flip else None)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, size: int | None = None) -> None:
         """The epoch (from 1) the next pass is: alternating flips depend on its parity (as
-        DistributedSampler.set_epoch; the trainer calls it, also when resuming)."""
-        self.epoch = epoch
+        DistributedSampler.set_epoch; the trainer calls it, also when resuming). `size`: the pixels its
+        batches are scaled to (progressive resizing); None keeps the images' own."""
+        self.epoch, self.size = epoch, size
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -203,6 +205,9 @@ class TensorLoader:
         images = images.to(torch.float32) * self.scale + self.shift
         if augment is not None and augment.cutout:
             images = cutout(images, augment.cutout, self.generator)
+        if self.size is not None and self.size != images.shape[-1]:
+            # antialiased, as a photo shrinks: plain bilinear at 16 px would alias the edges it keeps
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True)
         if augment is not None and augment.mixes:
             images, labels, partners, lam = mix_batch(images, labels, augment.mixup, augment.cutmix, self.generator)
             return images, labels, partners, lam

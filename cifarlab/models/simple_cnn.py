@@ -36,7 +36,7 @@ class CIFAR10CNN(nn.Module):
         return self.classifier(self.feature_extractor(x))
 
 
-@register_model
+@register_model(sized=True)  # its classifier's input is side x side x channels
 def cifar10_cnn(**kwargs) -> nn.Module:
     """The notebook's CIFAR10CNN (about 75% on CIFAR-10 with the `seed` recipe)."""
     return CIFAR10CNN(**kwargs)
