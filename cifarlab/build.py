@@ -22,7 +22,7 @@ from cifarlab.distributed import DistInfo, broadcast_object, shard_log_path
 from cifarlab.ema import Lookahead, WeightEMA
 from cifarlab.engine import Step
 from cifarlab.errors import CifarlabError
-from cifarlab.models import create_model
+from cifarlab.models import create_model, sized_for_input
 from cifarlab.optim import build_optimizer, build_scheduler, param_groups
 from cifarlab.rundir import ModelInfo
 from cifarlab.tuning import resolve_auto
@@ -76,13 +76,13 @@ class Run:
 
 
 def build_run(config: TrainConfig, bundle: DataBundle, runtime: Runtime) -> Run:
+    check_any_size(config)
     stats = channel_stats(bundle.train.images)
     model_args = config.builder_args(len(bundle.classes))
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = create_model(config.model, **model_args).to(runtime.device, memory_format=layout)
     data_dependent_init(model, bundle, runtime.device, stats, config.seed)
     check_whiten_bias_freeze(model, config)
-    check_any_size(model, config, runtime.device)
     train_loader, eval_loader = make_loaders(bundle, config, runtime, stats)
     groups = param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale, filter_lr=config.filter_lr,
                           bias_decay=config.bias_decay)
@@ -117,8 +117,8 @@ def epoch_image_size(config: TrainConfig, epoch: int, steps_per_epoch: int) -> i
 
 
 def size_cost(config: TrainConfig, size: int) -> float:
-    """A step at `size` px in full-size steps: its share of the pixels (fast_net's 16- and 24-px steps
-    measured 0.27 and 0.53 of a 32-px one on the Zen 4: close to 0.25 and 0.56)."""
+    """A step at `size` px in full-size steps: its share of the pixels (fast90's 16- and 24-px steps
+    measured 0.19-0.21 and 0.48-0.51 of a 32-px one on two CPU kinds: 0.25 and 0.56 err on the safe side)."""
     return (size / config.image_size) ** 2
 
 
@@ -179,21 +179,13 @@ def data_dependent_init(model: nn.Module, bundle: DataBundle, device: torch.devi
         init(images)
 
 
-def check_any_size(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
+def check_any_size(config: TrainConfig) -> None:
     """--progressive-resize needs a model that takes smaller images (global pooling before its head):
-    one forward of its smallest size, before any step, rather than a shape error at the first one."""
-    pairs = resize_schedule(config.progressive_resize, config.image_size)
-    if not pairs:
-        return
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(2, 3, pairs[0][0], pairs[0][0], device=device))
-    except RuntimeError:
+    refused before any step rather than a shape error at the first one."""
+    if config.progressive_resize and sized_for_input(config.model):
         raise CifarlabError(f"--progressive-resize {config.progressive_resize}: {config.model} takes only "
                             f"{config.image_size}-px images (its head is sized for them); train a model with "
-                            f"global pooling (fast_net, the resnets) or leave the option out") from None
-    finally:
-        model.train()
+                            f"global pooling (fast_net, the resnets) or leave the option out")
 
 
 def check_whiten_bias_freeze(model: nn.Module, config: TrainConfig) -> None:

@@ -2,7 +2,7 @@
 from cifarlab.models import (  # noqa: F401  (registers their models)
     fast_net, preact_resnet, resnet_cifar, simple_cnn, wide_resnet,
 )
-from cifarlab.models.registry import create_model, model_names, register_model
+from cifarlab.models.registry import create_model, model_names, register_model, sized_for_input
 from cifarlab.models.simple_cnn import CIFAR10CNN
 
-__all__ = ["CIFAR10CNN", "create_model", "model_names", "register_model"]
+__all__ = ["CIFAR10CNN", "create_model", "model_names", "register_model", "sized_for_input"]

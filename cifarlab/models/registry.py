@@ -23,6 +23,11 @@ def register_model(builder: Callable[..., nn.Module] | None = None, *, sized: bo
     return add(builder) if builder is not None else add
 
 
+def sized_for_input(name: str) -> bool:
+    """Whether the model's head is sized for one image size (registered with sized=True)."""
+    return name in _SIZED
+
+
 def model_names() -> list[str]:
     return sorted(_BUILDERS)
 
